@@ -1,0 +1,22 @@
+"""exactflow: normalizing flows with exact likelihoods.
+
+import exactflow as ef
+flow = ef.Flow(ef.transforms.Affine(2.0, 3.0), ef.distributions.StandardNormal(()))
+flow.log_prob(torch.tensor(5.0))   # = Normal(2, 3).log_prob(5.0)
+"""
+
+from . import check, distributions, errors, transforms
+from .distributions import StandardNormal
+from .flow import Flow
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Flow",
+    "StandardNormal",
+    "__version__",
+    "check",
+    "distributions",
+    "errors",
+    "transforms",
+]

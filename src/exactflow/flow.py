@@ -1,0 +1,261 @@
+"""``Flow``: a transform plus a base distribution, with exact log-likelihood.
+
+``log p(x | c) = log q(z | c) + log|det dz/dx|`` with ``(z, ladj) = transform(x, c)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.distributions import Distribution, constraints
+
+from .distributions import BaseDistribution
+from .errors import ContextError, DomainError, DTypeError, ShapeError
+from .transforms.base import Transform
+
+__all__ = ["Flow", "FlowDistribution"]
+
+
+def _shape_str(shape) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+class Flow(nn.Module):
+    """A normalizing flow ``p(x | context)``.
+
+    Args:
+        transform: the data -> noise :class:`~exactflow.transforms.Transform`.
+        base: the base distribution q(z) (see :mod:`exactflow.distributions`).
+        validate: check inputs (shape, dtype, finiteness, context) on every call. Shape and
+            dtype checks are cheap; the finiteness check reads the data, so switch it off
+            (``flow.validate = False``) in tight loops once the pipeline is trusted.
+
+    Shapes: ``x`` is ``(*batch, *event_shape)``, ``context`` is ``(*batch, C)`` or broadcastable
+    to it (a single ``(C,)`` context applies to the whole batch); log-probs are ``batch``-shaped.
+    """
+
+    def __init__(self, transform: Transform, base: BaseDistribution, validate: bool = True):
+        super().__init__()
+        if not isinstance(transform, Transform):
+            raise TypeError(
+                f"transform must be an exactflow Transform, got {type(transform).__name__}"
+            )
+        if not isinstance(base, BaseDistribution):
+            raise TypeError(
+                f"base must be an exactflow BaseDistribution, got {type(base).__name__}"
+            )
+        self.transform = transform
+        self.base = base
+        self.validate = validate
+
+    # -- properties -----------------------------------------------------------------------
+    @property
+    def event_shape(self) -> tuple[int, ...]:
+        return self.base.event_shape
+
+    @property
+    def context_features(self) -> int:
+        return max(self.transform.context_features, self.base.context_features)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base._anchor.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.base._anchor.device
+
+    # -- validation ---------------------------------------------------------------------------
+    def _as_input(self, x, name: str = "x") -> Tensor:
+        if not isinstance(x, Tensor):
+            if isinstance(x, (int, float, list, tuple, np.ndarray, np.generic)):
+                x = torch.as_tensor(np.asarray(x, dtype=np.float64)).to(self.dtype, self.device)
+            else:
+                raise DTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not self.validate:
+            return x
+        if not x.is_floating_point():
+            raise DTypeError(
+                f"{name} must be a floating-point tensor ({self.dtype}), got {x.dtype}; "
+                "integer data needs dequantisation first"
+            )
+        if x.dtype != self.dtype:
+            raise DTypeError(
+                f"{name} has dtype {x.dtype} but the flow's parameters are {self.dtype}; "
+                f"convert with {name}.to({self.dtype}) or flow.to({x.dtype})"
+            )
+        ev = self.event_shape
+        if x.dim() < len(ev) or tuple(x.shape[x.dim() - len(ev) :]) != ev:
+            raise ShapeError(
+                f"{name} must have shape (*batch, {', '.join(map(str, ev))}) for event shape "
+                f"{_shape_str(ev)}, got {_shape_str(tuple(x.shape))}"
+            )
+        if not torch.isfinite(x).all():
+            bad = int((~torch.isfinite(x)).sum())
+            raise DomainError(f"{name} contains {bad} non-finite value(s) (NaN or inf)")
+        return x
+
+    def _context(self, context, batch_shape: tuple[int, ...]) -> Tensor | None:
+        c = self.context_features
+        if context is None:
+            if c > 0:
+                raise ContextError(
+                    f"this flow is conditional (context_features={c}) but no context was given"
+                )
+            return None
+        if c == 0:
+            shape = tuple(getattr(context, "shape", ()))
+            raise ContextError(
+                "this flow is unconditional (context_features=0) but a context of shape "
+                f"{_shape_str(shape)} was given"
+            )
+        context = self._as_context(context)
+        try:
+            target = torch.broadcast_shapes(tuple(context.shape[:-1]), batch_shape)
+        except RuntimeError:
+            target = None
+        if target != batch_shape:
+            raise ShapeError(
+                f"context batch shape {_shape_str(tuple(context.shape[:-1]))} does not broadcast "
+                f"to the input batch shape {_shape_str(batch_shape)}"
+            )
+        return context.expand(*batch_shape, c)
+
+    def _as_context(self, context) -> Tensor:
+        if not isinstance(context, Tensor):
+            context = torch.as_tensor(np.asarray(context, dtype=np.float64)).to(self.dtype)
+        c = self.context_features
+        if context.dim() < 1 or context.shape[-1] != c:
+            raise ShapeError(
+                f"context must have shape (*batch, {c}), got {_shape_str(tuple(context.shape))}"
+            )
+        if self.validate:
+            if not context.is_floating_point() or context.dtype != self.dtype:
+                raise DTypeError(f"context must have dtype {self.dtype}, got {context.dtype}")
+            if not torch.isfinite(context).all():
+                raise DomainError("context contains non-finite value(s) (NaN or inf)")
+        return context
+
+    def _base_context(self, context: Tensor | None) -> Tensor | None:
+        return context if self.base.context_features > 0 else None
+
+    # -- densities and samples ------------------------------------------------------------------
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """Same as :meth:`log_prob`."""
+        return self.log_prob(x, context)
+
+    def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """Exact ``log p(x | context)``, shape ``batch``."""
+        x = self._as_input(x)
+        batch = tuple(x.shape[: x.dim() - len(self.event_shape)])
+        context = self._context(context, batch)
+        z, ladj = self.transform(x, context)
+        if self.validate and tuple(ladj.shape) != batch:
+            raise ShapeError(
+                f"transform returned ladj of shape {_shape_str(tuple(ladj.shape))}, expected the "
+                f"batch shape {_shape_str(batch)}; check each transform's event_dim"
+            )
+        return self.base.log_prob(z, self._base_context(context)) + ladj
+
+    def _sample_setup(self, n, context) -> tuple[tuple[int, ...], Tensor | None]:
+        shape = (int(n),) if isinstance(n, (int, np.integer)) else tuple(int(s) for s in n)
+        if any(s < 0 for s in shape):
+            raise ValueError(f"number of samples must be >= 0, got {shape}")
+        if context is None:
+            if self.context_features > 0:
+                raise ContextError(
+                    f"this flow is conditional (context_features={self.context_features}) "
+                    "but no context was given"
+                )
+            return shape, None
+        if self.context_features == 0:
+            raise ContextError(
+                "this flow is unconditional (context_features=0) but a context was given"
+            )
+        context = self._as_context(context)
+        full = shape + tuple(context.shape[:-1])
+        return full, context.expand(*full, self.context_features)
+
+    def _base_sample(self, shape, context, generator) -> Tensor:
+        if self.base.context_features > 0:
+            # a conditional base expands over the context's batch itself
+            return self.base.sample((), context, generator)
+        return self.base.sample(shape, None, generator)
+
+    def rsample(self, n=1, context: Tensor | None = None, generator=None) -> Tensor:
+        """Differentiable samples, shape ``(n, *context_batch, *event_shape)``."""
+        shape, context = self._sample_setup(n, context)
+        z = self._base_sample(shape, context, generator)
+        x, _ = self.transform.inverse(z, context)
+        return x
+
+    def sample(self, n=1, context: Tensor | None = None, generator=None) -> Tensor:
+        """Samples without gradient, shape ``(n, *context_batch, *event_shape)``.
+
+        ``n`` may be an int or a shape tuple; ``context`` of shape ``(*cb, C)`` gives ``n``
+        samples per context row.
+        """
+        with torch.no_grad():
+            return self.rsample(n, context, generator)
+
+    def sample_and_log_prob(
+        self, n=1, context: Tensor | None = None, generator=None
+    ) -> tuple[Tensor, Tensor]:
+        """Reparameterised samples and their exact log-density in one inverse pass.
+
+        ``log p(x) = log q(z) - log|det dx/dz|``; differentiable (for variational inference).
+        """
+        shape, context = self._sample_setup(n, context)
+        z = self._base_sample(shape, context, generator)
+        log_q = self.base.log_prob(z, self._base_context(context))
+        x, ladj = self.transform.inverse(z, context)
+        return x, log_q - ladj
+
+    def distribution(self, context: Tensor | None = None) -> FlowDistribution:
+        """A ``torch.distributions.Distribution`` view (``log_prob``, ``sample``, ``rsample``)."""
+        return FlowDistribution(self, context)
+
+    def extra_repr(self) -> str:
+        return f"event_shape={self.event_shape}, context_features={self.context_features}"
+
+
+class FlowDistribution(Distribution):
+    """Read-only ``torch.distributions`` view of a :class:`Flow` for Pyro/torch interop.
+
+    Its batch shape is the context's batch shape (``()`` when unconditional). It never
+    touches global torch settings: argument validation is disabled for this instance only,
+    since the flow validates its own inputs.
+    """
+
+    arg_constraints: dict = {}  # noqa: RUF012
+    has_rsample = True
+
+    def __init__(self, flow: Flow, context: Tensor | None = None):
+        self.flow = flow
+        if context is not None:
+            context = flow._as_context(context)
+        elif flow.context_features > 0:
+            raise ContextError("this flow is conditional: distribution() needs a context")
+        self.context = context
+        batch_shape = torch.Size(context.shape[:-1]) if context is not None else torch.Size()
+        super().__init__(batch_shape, torch.Size(flow.event_shape), validate_args=False)
+
+    @property
+    def support(self):
+        return constraints.independent(constraints.real, len(self.event_shape))
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        return self.flow.log_prob(value, self.context)
+
+    def rsample(self, sample_shape=()) -> Tensor:
+        shape = tuple(sample_shape)
+        n = math.prod(shape)
+        x = self.flow.rsample(n, self.context)
+        return x.reshape(*shape, *x.shape[1:])
+
+    def sample(self, sample_shape=()) -> Tensor:
+        with torch.no_grad():
+            return self.rsample(sample_shape)

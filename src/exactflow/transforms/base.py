@@ -1,0 +1,121 @@
+"""The transform contract: every invertible map in exactflow is a :class:`Transform`.
+
+Direction convention (one everywhere): ``forward`` is the *normalizing* direction,
+data x -> noise z, and returns ``(z, ladj)`` with ``ladj = log|det dz/dx|``.
+``inverse`` is the generative direction, z -> x, with ``ladj = log|det dx/dz|``.
+
+In the usual textbook notation a flow is a generator f: z -> x, so ``forward = f^{-1}`` and
+
+    log p(x) = log q(forward(x).z) + forward(x).ladj = log q(f^{-1}(x)) - log|det J_f(f^{-1}(x))|.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Compose", "Inverse", "Transform", "sum_rightmost"]
+
+
+def sum_rightmost(t: Tensor, n: int) -> Tensor:
+    """Sum the ``n`` rightmost dimensions of ``t`` (``n = 0`` returns ``t``)."""
+    return t.sum(dim=tuple(range(-n, 0))) if n > 0 else t
+
+
+class Transform(nn.Module):
+    """Base class of invertible maps with tractable log-Jacobian determinants.
+
+    Subclasses implement :meth:`forward` (data -> noise) and :meth:`inverse` (noise -> data).
+    Both take ``x`` of shape ``(*batch, *event)`` and an optional ``context`` of shape
+    ``(*batch, context_features)`` and return ``(y, ladj)`` with ``ladj`` of shape ``batch``.
+
+    Attributes:
+        event_dim: number of rightmost dimensions that form one event (1 for vectors,
+            3 for ``(C, H, W)`` images, 0 for scalars).
+        context_features: size of the context vector this transform reads (0 = none).
+    """
+
+    event_dim: int = 1
+    context_features: int = 0
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    @property
+    def inv(self) -> Transform:
+        """The inverse transform as a module sharing this one's parameters."""
+        return Inverse(self)
+
+
+class Inverse(Transform):
+    """The inverse of a transform: ``Inverse(t).forward == t.inverse`` and vice versa."""
+
+    def __init__(self, transform: Transform):
+        super().__init__()
+        if not isinstance(transform, Transform):
+            raise TypeError(f"Inverse expects a Transform, got {type(transform).__name__}")
+        self.transform = transform
+        self.event_dim = transform.event_dim
+        self.context_features = transform.context_features
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.transform.inverse(x, context)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.transform.forward(z, context)
+
+    @property
+    def inv(self) -> Transform:
+        return self.transform
+
+
+class Compose(Transform):
+    """Composition ``t_n ∘ ... ∘ t_1`` in the forward direction; log-dets add up.
+
+    ``Compose([a, b]).forward(x)`` applies ``a`` then ``b``; the inverse applies
+    ``b.inverse`` then ``a.inverse``.
+    """
+
+    def __init__(self, transforms: Iterable[Transform]):
+        super().__init__()
+        transforms = list(transforms)
+        for i, t in enumerate(transforms):
+            if not isinstance(t, Transform):
+                raise TypeError(f"Compose item {i} is a {type(t).__name__}, not a Transform")
+        self.transforms = nn.ModuleList(transforms)
+        self.event_dim = max((t.event_dim for t in transforms), default=1)
+        self.context_features = max((t.context_features for t in transforms), default=0)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        total = None
+        for t in self.transforms:
+            x, ladj = t(x, context)
+            total = ladj if total is None else total + ladj
+        if total is None:
+            total = x.new_zeros(x.shape[: x.dim() - self.event_dim])
+        return x, total
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        total = None
+        for t in reversed(self.transforms):
+            z, ladj = t.inverse(z, context)
+            total = ladj if total is None else total + ladj
+        if total is None:
+            total = z.new_zeros(z.shape[: z.dim() - self.event_dim])
+        return z, total
+
+    def __len__(self) -> int:
+        return len(self.transforms)
+
+    def __getitem__(self, i: int) -> Transform:
+        return self.transforms[i]
+
+
+def zeros_like_batch(x: Tensor, event_dim: int) -> Tensor:
+    """A zero log-det of batch shape for volume-preserving maps."""
+    return torch.zeros(x.shape[: x.dim() - event_dim], dtype=x.dtype, device=x.device)

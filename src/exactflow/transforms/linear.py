@@ -1,0 +1,142 @@
+"""Linear flows: dense (log-det by ``slogdet``, O(D^3)), LU-parameterised (O(D) log-det) and
+permutations (volume preserving)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import Transform, zeros_like_batch
+
+__all__ = ["LULinear", "Linear", "Permutation", "RandomPermutation", "Reverse"]
+
+
+def _check_features(features: int) -> int:
+    if not isinstance(features, int) or features < 1:
+        raise ValueError(f"features must be a positive int, got {features!r}")
+    return features
+
+
+class Linear(Transform):
+    """Dense invertible linear map ``z = W x + b``; ``ladj = log|det W|`` via ``slogdet``.
+
+    The general case: the log-det costs O(D^3) per evaluation (compare :class:`LULinear`).
+
+    Args:
+        features: D.
+        weight: optional initial ``(D, D)`` matrix; default a random orthogonal matrix.
+        bias: learn a bias ``b`` (default True).
+    """
+
+    def __init__(self, features: int, weight: Tensor | None = None, bias: bool = True):
+        super().__init__()
+        d = _check_features(features)
+        if weight is None:
+            weight, _ = torch.linalg.qr(torch.randn(d, d))
+        elif tuple(weight.shape) != (d, d):
+            raise ValueError(f"weight must have shape ({d}, {d}), got {tuple(weight.shape)}")
+        self.weight = nn.Parameter(weight.clone())
+        self.bias = nn.Parameter(torch.zeros(d)) if bias else None
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        z = x @ self.weight.T
+        if self.bias is not None:
+            z = z + self.bias
+        ladj = torch.linalg.slogdet(self.weight)[1]
+        return z, ladj.expand(x.shape[:-1])
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if self.bias is not None:
+            z = z - self.bias
+        flat = z.reshape(-1, z.shape[-1]).T
+        x = torch.linalg.solve(self.weight, flat).T.reshape(z.shape)
+        ladj = torch.linalg.slogdet(self.weight)[1]
+        return x, -ladj.expand(z.shape[:-1])
+
+
+class LULinear(Transform):
+    """Linear map ``z = P L U x + b`` with L unit lower-, U upper-triangular, ``diag(U) > 0``.
+
+    ``log|det| = sum(log diag U)`` costs O(D); the inverse is two triangular solves.
+    Starts at ``W = P`` (identity by default).
+
+    Args:
+        features: D.
+        permutation: optional fixed permutation (a LongTensor of size D) for P.
+        bias: learn a bias ``b`` (default True).
+    """
+
+    def __init__(self, features: int, permutation: Tensor | None = None, bias: bool = True):
+        super().__init__()
+        d = _check_features(features)
+        perm = torch.arange(d) if permutation is None else torch.as_tensor(permutation)
+        if sorted(perm.tolist()) != list(range(d)):
+            raise ValueError(
+                f"permutation must be a permutation of range({d}), got {perm.tolist()}"
+            )
+        self.register_buffer("perm", perm.long())
+        self.lower = nn.Parameter(torch.zeros(d, d))
+        self.upper = nn.Parameter(torch.zeros(d, d))
+        self.log_diag = nn.Parameter(torch.zeros(d))
+        self.bias = nn.Parameter(torch.zeros(d)) if bias else None
+
+    def _lu(self) -> tuple[Tensor, Tensor]:
+        eye = torch.eye(self.lower.shape[0], dtype=self.lower.dtype, device=self.lower.device)
+        lower = self.lower.tril(-1) + eye
+        upper = self.upper.triu(1) + torch.diag(self.log_diag.exp())
+        return lower, upper
+
+    def weight(self) -> Tensor:
+        """The dense matrix ``W = P L U`` (for tests and export)."""
+        lower, upper = self._lu()
+        return (lower @ upper)[torch.argsort(self.perm)]
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        lower, upper = self._lu()
+        # row i of P L U x is row perm^{-1}(i) of L U x
+        z = (x @ upper.T @ lower.T)[..., torch.argsort(self.perm)]
+        if self.bias is not None:
+            z = z + self.bias
+        return z, self.log_diag.sum().expand(x.shape[:-1])
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        lower, upper = self._lu()
+        if self.bias is not None:
+            z = z - self.bias
+        y = z[..., self.perm].reshape(-1, z.shape[-1]).T
+        y = torch.linalg.solve_triangular(lower, y, upper=False, unitriangular=True)
+        x = torch.linalg.solve_triangular(upper, y, upper=True).T.reshape(z.shape)
+        return x, -self.log_diag.sum().expand(z.shape[:-1])
+
+
+class Permutation(Transform):
+    """Fixed permutation of the last dimension, ``z = x[..., perm]``; ``ladj = 0``."""
+
+    def __init__(self, permutation: Tensor):
+        super().__init__()
+        perm = torch.as_tensor(permutation).long()
+        if perm.dim() != 1 or sorted(perm.tolist()) != list(range(perm.numel())):
+            raise ValueError(f"not a permutation of range({perm.numel()}): {perm.tolist()}")
+        self.register_buffer("perm", perm)
+        self.register_buffer("inv_perm", torch.argsort(perm))
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return x[..., self.perm], zeros_like_batch(x, 1)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return z[..., self.inv_perm], zeros_like_batch(z, 1)
+
+
+class Reverse(Permutation):
+    """Reverse the order of the features (the usual permutation between MAF layers)."""
+
+    def __init__(self, features: int):
+        super().__init__(torch.arange(_check_features(features) - 1, -1, -1))
+
+
+class RandomPermutation(Permutation):
+    """A random permutation drawn from ``torch.Generator().manual_seed(seed)``."""
+
+    def __init__(self, features: int, seed: int = 0):
+        gen = torch.Generator().manual_seed(int(seed))
+        super().__init__(torch.randperm(_check_features(features), generator=gen))

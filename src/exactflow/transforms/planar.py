@@ -1,0 +1,125 @@
+"""Planar and radial flows (Rezende & Mohamed, 2015).
+
+Both are closed-form in ``forward`` and invertible by construction of their parameters.
+``Planar.inverse`` solves a 1-D monotone equation by bisection (fixed iteration count, so it
+exports) and finishes with one Newton step that carries the gradient (implicit function
+theorem). ``Radial.inverse`` is the positive root of a quadratic, in closed form.
+
+For variational inference, where sampling is the hot direction, use ``Inverse(Planar(d))``
+so that the closed form is the generative direction.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Transform
+
+__all__ = ["Planar", "Radial"]
+
+
+class Planar(Transform):
+    """``y = x + u_hat * tanh(w.x + b)``; ``ladj = log|1 + u_hat . w * tanh'(w.x + b)|``.
+
+    ``u_hat = u + (m(w.u) - w.u) w / |w|^2`` with ``m(a) = -1 + softplus(a)`` keeps
+    ``w . u_hat > -1``, which makes the map invertible.
+
+    Args:
+        features: D.
+        bisection_steps: iterations of the inverse's bracketing search (each halves the
+            bracket of width ``2|w.u_hat|``).
+    """
+
+    def __init__(self, features: int, bisection_steps: int = 60):
+        super().__init__()
+        self.u = nn.Parameter(torch.randn(features) * 0.1)
+        self.w = nn.Parameter(torch.randn(features) * 0.1)
+        self.b = nn.Parameter(torch.zeros(()))
+        self.bisection_steps = int(bisection_steps)
+
+    def _u_hat(self) -> Tensor:
+        wu = self.w @ self.u
+        m = -1.0 + F.softplus(wu)
+        return self.u + (m - wu) * self.w / (self.w @ self.w).clamp_min(1e-12)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        u = self._u_hat()
+        a = x @ self.w + self.b
+        h = torch.tanh(a)
+        y = x + u * h.unsqueeze(-1)
+        ladj = torch.log1p((1.0 - h.square()) * (self.w @ u))
+        return y, ladj
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        u = self._u_hat()
+        wu = self.w @ u
+        wy = z @ self.w
+
+        # alpha = w.x solves g(alpha) = alpha + wu * tanh(alpha + b) - w.y = 0, g increasing;
+        # |tanh| <= 1 brackets the root in [w.y - |wu|, w.y + |wu|].
+        def g(alpha: Tensor) -> Tensor:
+            return alpha + wu * torch.tanh(alpha + self.b) - wy
+
+        with torch.no_grad():
+            lo = wy - wu.abs() - 1e-12
+            hi = wy + wu.abs() + 1e-12
+            for _ in range(self.bisection_steps):
+                mid = 0.5 * (lo + hi)
+                above = g(mid) > 0
+                hi = torch.where(above, mid, hi)
+                lo = torch.where(above, lo, mid)
+            alpha0 = 0.5 * (lo + hi)
+        # one Newton step from the (detached) root: exact value to first order, and its
+        # derivative gives the implicit-function gradient w.r.t. z and the parameters
+        dg = 1.0 + wu * (1.0 - torch.tanh(alpha0 + self.b).square())
+        alpha = alpha0 - g(alpha0) / dg
+        h = torch.tanh(alpha + self.b)
+        x = z - u * h.unsqueeze(-1)
+        ladj = -torch.log1p((1.0 - h.square()) * wu)
+        return x, ladj
+
+
+class Radial(Transform):
+    """``y = x + beta * (x - x0) / (alpha + r)``, ``r = |x - x0|``, ``alpha > 0``, ``beta > -alpha``.
+
+    ``ladj = (D - 1) log(1 + beta h) + log(1 + beta h - beta r h^2)``, ``h = 1 / (alpha + r)``.
+    """
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.features = int(features)
+        self.x0 = nn.Parameter(torch.randn(features) * 0.1)
+        self.raw_alpha = nn.Parameter(torch.zeros(()))
+        self.raw_beta = nn.Parameter(torch.zeros(()))
+
+    def _alpha_beta(self) -> tuple[Tensor, Tensor]:
+        alpha = F.softplus(self.raw_alpha)
+        beta = -alpha + F.softplus(self.raw_beta)
+        return alpha, beta
+
+    def _ladj(self, r: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
+        h = 1.0 / (alpha + r)
+        return (self.features - 1) * torch.log1p(beta * h) + torch.log1p(
+            beta * h - beta * r * h * h
+        )
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        alpha, beta = self._alpha_beta()
+        diff = x - self.x0
+        r = diff.norm(dim=-1)
+        y = x + (beta / (alpha + r)).unsqueeze(-1) * diff
+        return y, self._ladj(r, alpha, beta)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        alpha, beta = self._alpha_beta()
+        diff = z - self.x0
+        ry = diff.norm(dim=-1)
+        # r solves r^2 + (alpha + beta - ry) r - alpha ry = 0; take the positive root in the
+        # form that avoids cancellation for either sign of c = alpha + beta - ry
+        c = alpha + beta - ry
+        disc = torch.sqrt(c.square() + 4.0 * alpha * ry)
+        r = torch.where(c > 0, 2.0 * alpha * ry / (c + disc), 0.5 * (disc - c))
+        x = self.x0 + diff / (1.0 + beta / (alpha + r)).unsqueeze(-1)
+        return x, -self._ladj(r, alpha, beta)

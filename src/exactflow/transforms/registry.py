@@ -1,0 +1,97 @@
+"""Registry of transform test cases: register a transform here (one line) and the contract
+test (tests/test_contract.py) certifies it and its inverse: shapes, round trip, log-det vs.
+autograd Jacobian, gradients, dtypes, context and save/load.
+
+A case's ``build(shape, context_features)`` returns a fresh transform for event ``shape``;
+``context=True`` means it accepts a context (it is then also built and tested with one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from . import (
+    Affine,
+    AffineMap,
+    Compose,
+    ElementwiseTransform,
+    Inverse,
+    Linear,
+    Logit,
+    LULinear,
+    Planar,
+    Radial,
+    RandomPermutation,
+    Reverse,
+    Sigmoid,
+    Tanh,
+)
+from .base import Transform
+
+VECTOR_SHAPES: tuple[tuple[int, ...], ...] = ((1,), (2,), (5,), (16,))
+
+
+@dataclass(frozen=True)
+class Case:
+    """One registered transform.
+
+    Attributes:
+        name: readable test id.
+        build: ``(event_shape, context_features) -> Transform``.
+        domain: input domain for test data: ``real``, ``unit`` (0, 1) or ``ball`` (-1, 1).
+        context: whether the transform takes a context.
+        shapes: event shapes to test.
+        roundtrip_tol: round-trip tolerance (float64).
+        ladj_tol: log-det tolerance (float64).
+        perturb: std of the noise added to every parameter before testing, so that
+            identity-initialised layers are tested away from the identity.
+    """
+
+    name: str
+    build: Callable[[tuple[int, ...], int], Transform]
+    domain: str = "real"
+    context: bool = False
+    shapes: tuple[tuple[int, ...], ...] = VECTOR_SHAPES
+    roundtrip_tol: float = 1e-10
+    ladj_tol: float = 1e-8
+    perturb: float = 0.3
+
+
+CASES: list[Case] = [
+    Case("affine-fixed", lambda s, c: Affine(0.5, -2.0, event_dim=1)),
+    Case(
+        "affine-learnable",
+        lambda s, c: Affine(0.3 + 0.0 * _z(s), 1.5 + 0.0 * _z(s), learnable=True),
+    ),
+    Case(
+        "elementwise-affine-map", lambda s, c: ElementwiseTransform(AffineMap(), s, init_scale=0.5)
+    ),
+    Case("sigmoid", lambda s, c: Sigmoid()),
+    Case("logit", lambda s, c: Logit(), domain="unit"),
+    Case("tanh", lambda s, c: Tanh()),
+    Case("linear-dense", lambda s, c: Linear(s[0])),
+    Case("lu-linear", lambda s, c: LULinear(s[0])),
+    Case("reverse", lambda s, c: Reverse(s[0])),
+    Case("random-permutation", lambda s, c: RandomPermutation(s[0], seed=1)),
+    Case("planar", lambda s, c: Planar(s[0]), roundtrip_tol=1e-6),
+    Case("planar-inverse", lambda s, c: Inverse(Planar(s[0])), roundtrip_tol=1e-6),
+    Case("radial", lambda s, c: Radial(s[0]), roundtrip_tol=1e-10),
+    Case(
+        "compose-lu-affine", lambda s, c: Compose([LULinear(s[0]), Affine(_z(s), 1 + _z(s), True)])
+    ),
+]
+
+
+def _z(shape):
+    return torch.zeros(shape)
+
+
+def register(case: Case) -> Case:
+    """Add a case (for transforms defined outside this package, e.g. in plugins or tests)."""
+    if any(c.name == case.name for c in CASES):
+        raise ValueError(f"a registry case named {case.name!r} already exists")
+    CASES.append(case)
+    return case
