@@ -2,6 +2,7 @@
 
 from .base import Compose, Inverse, Transform, sum_rightmost
 from .elementwise import (
+    MAPS,
     AdditiveMap,
     Affine,
     AffineMap,
@@ -10,12 +11,15 @@ from .elementwise import (
     Logit,
     Sigmoid,
     Tanh,
+    register_map,
+    resolve_map,
     soft_clamp,
 )
 from .linear import Linear, LULinear, Permutation, RandomPermutation, Reverse
 from .planar import Planar, Radial
 
 __all__ = [
+    "MAPS",
     "AdditiveMap",
     "Affine",
     "AffineMap",
@@ -34,6 +38,8 @@ __all__ = [
     "Sigmoid",
     "Tanh",
     "Transform",
+    "register_map",
+    "resolve_map",
     "soft_clamp",
     "sum_rightmost",
 ]

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from .base import Transform, sum_rightmost
 
 __all__ = [
+    "MAPS",
     "AdditiveMap",
     "Affine",
     "AffineMap",
@@ -31,6 +32,8 @@ __all__ = [
     "Logit",
     "Sigmoid",
     "Tanh",
+    "register_map",
+    "resolve_map",
     "soft_clamp",
 ]
 
@@ -232,3 +235,28 @@ class ElementwiseTransform(Transform):
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         x, logd = self.map.inverse(z, self._params(z))
         return x, sum_rightmost(logd, self.event_dim)
+
+
+MAPS: dict[str, type[ElementwiseMap]] = {"affine": AffineMap, "additive": AdditiveMap}
+
+
+def register_map(name: str, cls: type[ElementwiseMap]) -> type[ElementwiseMap]:
+    """Make an :class:`ElementwiseMap` selectable by name in coupling/autoregressive layers."""
+    if name in MAPS and MAPS[name] is not cls:
+        raise ValueError(f"an elementwise map named {name!r} is already registered")
+    MAPS[name] = cls
+    return cls
+
+
+def resolve_map(spec: str | ElementwiseMap, **kwargs) -> ElementwiseMap:
+    """An :class:`ElementwiseMap` from an instance or a registered name (``"affine"``,
+    ``"additive"``, spline names ...); ``kwargs`` go to the map's constructor."""
+    if isinstance(spec, ElementwiseMap):
+        if kwargs:
+            raise ValueError("keyword arguments apply only when the map is given by name")
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"map must be a name or an ElementwiseMap, got {type(spec).__name__}")
+    if spec not in MAPS:
+        raise ValueError(f"unknown elementwise map {spec!r}; valid names: {sorted(MAPS)}")
+    return MAPS[spec](**kwargs)
