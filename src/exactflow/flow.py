@@ -72,7 +72,7 @@ class Flow(nn.Module):
     def _as_input(self, x, name: str = "x") -> Tensor:
         if not isinstance(x, Tensor):
             if isinstance(x, (int, float, list, tuple, np.ndarray, np.generic)):
-                x = torch.as_tensor(np.asarray(x, dtype=np.float64)).to(self.dtype, self.device)
+                x = torch.as_tensor(np.asarray(x, dtype=np.float64)).to(device=self.device, dtype=self.dtype)
             else:
                 raise DTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if not self.validate:
