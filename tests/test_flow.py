@@ -12,7 +12,7 @@ from torch.distributions import Normal
 import exactflow as ef
 from exactflow.distributions import ConditionalGaussian, DiagGaussian, StandardNormal
 from exactflow.errors import ContextError, DomainError, DTypeError, ExactflowError, ShapeError
-from exactflow.transforms import Affine, Compose, ElementwiseTransform, AffineMap, LULinear
+from exactflow.transforms import Affine, AffineMap, Compose, ElementwiseTransform, LULinear
 
 
 def lecture_flow() -> ef.Flow:
@@ -188,4 +188,6 @@ def test_affine_rejects_zero_scale():
 
 def test_numpy_input_is_accepted():
     flow = lecture_flow()
-    torch.testing.assert_close(flow.log_prob(np.array([5.0])), flow.log_prob(torch.tensor([5.0]).double()))
+    torch.testing.assert_close(
+        flow.log_prob(np.array([5.0])), flow.log_prob(torch.tensor([5.0]).double())
+    )
