@@ -1,6 +1,8 @@
 """Invertible transforms. Direction: ``forward`` = data -> noise (see :mod:`.base`)."""
 
+from .autoregressive import Autoregressive
 from .base import Compose, Inverse, Transform, sum_rightmost
+from .coupling import Coupling, alternating_mask, channel_mask, checkerboard_mask, half_mask
 from .elementwise import (
     MAPS,
     AdditiveMap,
@@ -16,14 +18,19 @@ from .elementwise import (
     soft_clamp,
 )
 from .linear import Linear, LULinear, Permutation, RandomPermutation, Reverse
+from .normalization import ActNorm, BatchNormFlow
 from .planar import Planar, Radial
 
 __all__ = [
     "MAPS",
+    "ActNorm",
     "AdditiveMap",
     "Affine",
     "AffineMap",
+    "Autoregressive",
+    "BatchNormFlow",
     "Compose",
+    "Coupling",
     "ElementwiseMap",
     "ElementwiseTransform",
     "Inverse",
@@ -38,6 +45,10 @@ __all__ = [
     "Sigmoid",
     "Tanh",
     "Transform",
+    "alternating_mask",
+    "channel_mask",
+    "checkerboard_mask",
+    "half_mask",
     "register_map",
     "resolve_map",
     "soft_clamp",

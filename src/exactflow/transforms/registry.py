@@ -29,7 +29,10 @@ from . import (
     Sigmoid,
     Tanh,
 )
+from .autoregressive import Autoregressive
 from .base import Transform
+from .coupling import Coupling, alternating_mask, checkerboard_mask
+from .normalization import ActNorm, BatchNormFlow
 
 VECTOR_SHAPES: tuple[tuple[int, ...], ...] = ((1,), (2,), (5,), (16,))
 
@@ -82,6 +85,42 @@ CASES: list[Case] = [
     Case(
         "compose-lu-affine", lambda s, c: Compose([LULinear(s[0]), Affine(_z(s), 1 + _z(s), True)])
     ),
+    # coupling / autoregressive / normalisation layers (issue 3); small nets keep this fast
+    Case(
+        "coupling-additive",
+        lambda s, c: Coupling("additive", alternating_mask(s[0]), (16,), c),
+        context=True,
+        shapes=((2,), (5,), (16,)),
+    ),
+    Case(
+        "coupling-affine",
+        lambda s, c: Coupling("affine", alternating_mask(s[0], True), (16,), c),
+        context=True,
+        shapes=((2,), (5,), (16,)),
+    ),
+    Case(
+        "coupling-affine-checkerboard",
+        lambda s, c: Coupling("affine", checkerboard_mask(s), (16,), c),
+        context=True,
+        shapes=((2, 2), (3, 4)),
+    ),
+    Case(
+        "autoregressive-affine", lambda s, c: Autoregressive("affine", s[0], (16,), c), context=True
+    ),
+    Case(
+        "autoregressive-affine-order",
+        lambda s, c: Autoregressive(
+            "affine",
+            s[0],
+            (16, 16),
+            c,
+            order=torch.randperm(s[0], generator=torch.Generator().manual_seed(3)),
+        ),
+        context=True,
+    ),
+    Case("iaf", lambda s, c: Inverse(Autoregressive("affine", s[0], (16,), c)), context=True),
+    Case("actnorm", lambda s, c: ActNorm(s), shapes=(*VECTOR_SHAPES, (2, 3, 3))),
+    Case("batchnorm", lambda s, c: BatchNormFlow(s), shapes=(*VECTOR_SHAPES, (2, 3, 3))),
 ]
 
 
