@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .base import Transform, zeros_like_batch
 
-__all__ = ["LULinear", "Linear", "Permutation", "RandomPermutation", "Reverse"]
+__all__ = ["FrozenLinear", "LULinear", "Linear", "Permutation", "RandomPermutation", "Reverse"]
 
 
 def _check_features(features: int) -> int:
@@ -52,6 +52,11 @@ class Linear(Transform):
         x = torch.linalg.solve(self.weight, flat).T.reshape(z.shape)
         ladj = torch.linalg.slogdet(self.weight)[1]
         return x, -ladj.expand(z.shape[:-1])
+
+    def export_form(self) -> FrozenLinear:
+        """Export-ready copy: ``W``, ``W^-1`` and ``log|det W|`` precomputed (ONNX has no
+        ``slogdet``/``solve``)."""
+        return FrozenLinear(self.weight.detach(), None if self.bias is None else self.bias.detach())
 
 
 class LULinear(Transform):
@@ -107,6 +112,34 @@ class LULinear(Transform):
         y = torch.linalg.solve_triangular(lower, y, upper=False, unitriangular=True)
         x = torch.linalg.solve_triangular(upper, y, upper=True).T.reshape(z.shape)
         return x, -self.log_diag.sum().expand(z.shape[:-1])
+
+    def export_form(self) -> FrozenLinear:
+        """Export-ready copy with ``W``, ``W^-1`` and the log-det precomputed (ONNX has no
+        triangular solve)."""
+        with torch.no_grad():
+            return FrozenLinear(self.weight(), None if self.bias is None else self.bias)
+
+
+class FrozenLinear(Transform):
+    """A fixed linear map with its inverse and log-det precomputed in float64.
+
+    Used for export (``exactflow.export``): forward and inverse are plain matmuls.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None):
+        super().__init__()
+        w64 = weight.detach().double()
+        self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("inv_weight", torch.linalg.inv(w64).to(weight.dtype))
+        self.register_buffer("logdet", torch.linalg.slogdet(w64)[1].to(weight.dtype))
+        b = torch.zeros(weight.shape[0], dtype=weight.dtype) if bias is None else bias.detach()
+        self.register_buffer("bias", b.clone())
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return x @ self.weight.T + self.bias, self.logdet.expand(x.shape[:-1])
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return (z - self.bias) @ self.inv_weight.T, -self.logdet.expand(z.shape[:-1])
 
 
 class Permutation(Transform):
