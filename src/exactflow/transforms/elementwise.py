@@ -128,7 +128,9 @@ class Sigmoid(_Elementwise):
         return torch.sigmoid(x), -F.softplus(-x) - F.softplus(x)
 
     def _inv(self, y):
-        x = torch.logit(y)
+        # sigmoid rounds to exactly 0 or 1 for |x| > ~17 (float32); clamping keeps the
+        # inverse finite there (the largest representable preimage) instead of +-inf
+        x = torch.logit(y, eps=torch.finfo(y.dtype).eps)
         return x, F.softplus(-x) + F.softplus(x)
 
 
@@ -150,7 +152,9 @@ class Tanh(_Elementwise):
         return torch.tanh(x), 2.0 * (math.log(2.0) - x - F.softplus(-2.0 * x))
 
     def _inv(self, y):
-        x = torch.atanh(y)
+        # tanh rounds to exactly +-1 for large |x|; clamp so the inverse stays finite there
+        eps = torch.finfo(y.dtype).eps
+        x = torch.atanh(y.clamp(-1.0 + eps, 1.0 - eps))
         return x, -2.0 * (math.log(2.0) - x - F.softplus(-2.0 * x))
 
 
