@@ -20,6 +20,7 @@ from .elementwise import (
 from .linear import Linear, LULinear, Permutation, RandomPermutation, Reverse
 from .normalization import ActNorm, BatchNormFlow
 from .planar import Planar, Radial
+from .splines import CubicSpline, RationalQuadraticSpline
 
 __all__ = [
     "MAPS",
@@ -31,6 +32,7 @@ __all__ = [
     "BatchNormFlow",
     "Compose",
     "Coupling",
+    "CubicSpline",
     "ElementwiseMap",
     "ElementwiseTransform",
     "Inverse",
@@ -41,6 +43,7 @@ __all__ = [
     "Planar",
     "Radial",
     "RandomPermutation",
+    "RationalQuadraticSpline",
     "Reverse",
     "Sigmoid",
     "Tanh",

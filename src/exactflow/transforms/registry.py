@@ -17,6 +17,7 @@ from . import (
     Affine,
     AffineMap,
     Compose,
+    CubicSpline,
     ElementwiseTransform,
     Inverse,
     Linear,
@@ -25,6 +26,7 @@ from . import (
     Planar,
     Radial,
     RandomPermutation,
+    RationalQuadraticSpline,
     Reverse,
     Sigmoid,
     Tanh,
@@ -84,6 +86,13 @@ CASES: list[Case] = [
     Case("radial", lambda s, c: Radial(s[0]), roundtrip_tol=1e-10),
     Case(
         "compose-lu-affine", lambda s, c: Compose([LULinear(s[0]), Affine(_z(s), 1 + _z(s), True)])
+    ),
+    Case(
+        "rq-spline",
+        lambda s, c: ElementwiseTransform(RationalQuadraticSpline(bound=2.0), s, init_scale=0.5),
+    ),
+    Case(
+        "cubic-spline", lambda s, c: ElementwiseTransform(CubicSpline(bound=2.0), s, init_scale=0.5)
     ),
     # coupling / autoregressive / normalisation layers (issue 3); small nets keep this fast
     Case(
