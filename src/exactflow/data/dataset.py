@@ -1,0 +1,175 @@
+"""The :class:`Dataset` record every loader returns, and its pre-processing.
+
+A dataset holds train/val/test tensors in the *original* data space plus what is needed
+to map them to the model's space with exact log-dets:
+
+* continuous data (toys, tabular, user files): optionally standardised with training
+  statistics, ``s = (x - mean) / std``, an :class:`~exactflow.transforms.Affine` with
+  ``log|ds/dx| = -sum log std``;
+* discrete data (pixels, counts) with ``levels`` K: uniformly dequantised on every batch,
+  then either standardised (tabular view) or logit-transformed (image view, see
+  :class:`~.preprocessing.LogitPreprocess`).
+
+``dataset.preprocess()`` is prepended to a model's transform, so ``log_prob`` of the
+resulting flow is the density in the original space and NLLs need no correction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError, DataError
+from ..transforms.base import Compose, Transform
+from ..transforms.elementwise import Affine
+from .preprocessing import LogitPreprocess, dequantize
+
+__all__ = ["Dataset", "make_preprocess", "standardization_stats"]
+
+PREPROCESSING = ("none", "standardize", "logit")
+
+
+@dataclass
+class Dataset:
+    """Train/val/test splits in the original data space with their pre-processing.
+
+    Attributes:
+        name: data set name or file path.
+        train, val, test: ``(N, *shape)`` float32 tensors (integer-valued for discrete data).
+        shape: event shape of one sample, ``(D,)`` or ``(C, H, W)``.
+        preprocessing: ``"none"``, ``"standardize"`` or ``"logit"``.
+        levels: number of discrete levels K for discrete data (dequantised per batch, and
+            bits/dim are reported), ``None`` for continuous data.
+        alpha: logit boundary margin (``"logit"`` only).
+        mean, std: training statistics (``"standardize"`` only), each of shape ``shape``,
+            computed on the dequantised training data for discrete data.
+        image_shape: ``(C, H, W)`` when samples can be shown as images, else ``None``.
+    """
+
+    name: str
+    train: Tensor
+    val: Tensor
+    test: Tensor
+    shape: tuple[int, ...]
+    preprocessing: str = "none"
+    levels: int | None = None
+    alpha: float = 0.05
+    mean: Tensor | None = None
+    std: Tensor | None = None
+    image_shape: tuple[int, ...] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.preprocessing not in PREPROCESSING:
+            raise ConfigError(
+                f"preprocessing must be one of {PREPROCESSING}, got {self.preprocessing!r}"
+            )
+        if self.preprocessing == "standardize" and (self.mean is None or self.std is None):
+            self.mean, self.std = standardization_stats(self.train, self.levels)
+        if self.preprocessing == "logit" and self.levels is None:
+            raise ConfigError("logit pre-processing needs discrete data with `levels`")
+
+    @property
+    def features(self) -> int:
+        """Number of scalar dimensions D of one sample."""
+        return math.prod(self.shape)
+
+    @property
+    def discrete(self) -> bool:
+        return self.levels is not None
+
+    def batch(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Model-ready input from raw rows: dequantised (discrete data) float tensor."""
+        return dequantize(x, generator) if self.discrete else x
+
+    def preprocess(self, event_shape: tuple[int, ...] | None = None) -> Transform:
+        """The transform from the original space to the model space (with its log-det).
+
+        Args:
+            event_shape: the model's event shape (``(D,)`` for vector models, ``(C, H, W)``
+                for image models); defaults to the data shape.
+        """
+        return make_preprocess(
+            self.preprocessing,
+            tuple(event_shape or self.shape),
+            levels=self.levels,
+            alpha=self.alpha,
+            mean=self.mean,
+            std=self.std,
+        )
+
+    def meta(self) -> dict[str, Any]:
+        """JSON/TOML-ready description, enough to rebuild the pre-processing structure."""
+        out: dict[str, Any] = {
+            "name": self.name,
+            "shape": list(self.shape),
+            "preprocessing": self.preprocessing,
+            "n_train": int(self.train.shape[0]),
+            "n_val": int(self.val.shape[0]),
+            "n_test": int(self.test.shape[0]),
+        }
+        if self.levels is not None:
+            out["levels"] = int(self.levels)
+        if self.preprocessing == "logit":
+            out["alpha"] = float(self.alpha)
+        if self.image_shape is not None:
+            out["image_shape"] = list(self.image_shape)
+        return out
+
+
+def standardization_stats(train: Tensor, levels: int | None = None) -> tuple[Tensor, Tensor]:
+    """Per-feature mean and std of the training rows, shapes ``train.shape[1:]``.
+
+    For discrete data the statistics are those of the dequantised data ``x + u`` in
+    closed form (mean + 1/2, variance + 1/12), so they do not depend on one noise draw.
+    Raises :class:`DataError` for a feature that is constant on the training split.
+    """
+    if train.shape[0] < 2:
+        raise DataError(f"need at least 2 training rows to standardise, got {train.shape[0]}")
+    x = train.double()
+    mean = x.mean(0)
+    var = x.var(0, unbiased=False)
+    if levels is not None:
+        mean, var = mean + 0.5, var + 1.0 / 12.0
+    std = var.sqrt()
+    constant = (std <= 1e-12 * (1.0 + mean.abs())).reshape(-1)
+    if bool(constant.any()):
+        cols = torch.nonzero(constant).reshape(-1).tolist()
+        shown = ", ".join(map(str, cols[:10])) + (" ..." if len(cols) > 10 else "")
+        raise DataError(
+            f"{len(cols)} feature(s) are constant on the training split (columns {shown}); "
+            "drop them: a flow has no density on a constant feature"
+        )
+    return mean.float(), std.float()
+
+
+def make_preprocess(
+    preprocessing: str,
+    event_shape: tuple[int, ...],
+    levels: int | None = None,
+    alpha: float = 0.05,
+    mean: Tensor | None = None,
+    std: Tensor | None = None,
+) -> Transform:
+    """The pre-processing transform for a model with ``event_shape``.
+
+    ``"standardize"`` without ``mean``/``std`` builds placeholders (0 and 1) for a saved
+    state dict to overwrite; ``"logit"`` needs ``levels``; ``"none"`` is an empty Compose.
+    """
+    event_shape = tuple(int(s) for s in event_shape)
+    event_dim = len(event_shape)
+    if preprocessing == "logit":
+        if levels is None:
+            raise ConfigError("logit pre-processing needs `levels`")
+        return LogitPreprocess(int(levels), float(alpha), event_dim=event_dim)
+    if preprocessing == "standardize":
+        mean = torch.zeros(event_shape) if mean is None else mean.reshape(event_shape)
+        std = torch.ones(event_shape) if std is None else std.reshape(event_shape)
+        return Affine(mean, std, event_dim=event_dim)
+    if preprocessing == "none":
+        return Compose([])
+    raise ConfigError(f"preprocessing must be one of {PREPROCESSING}, got {preprocessing!r}")

@@ -1,0 +1,162 @@
+"""Safe, atomic checkpoints: safetensors for tensors, JSON metadata for everything else.
+
+One file holds a whole checkpoint: the tensors (model, optimiser moments, EMA, RNG states)
+and, in the safetensors header's string metadata, a JSON document (config, step counters,
+history, optimiser hyper-parameters). Writing goes to a temporary file in the same
+directory, is flushed and ``fsync``-ed, then ``os.replace``-d over the target, so a crash or
+``kill -9`` leaves either the old or the new checkpoint, never a torn one.
+
+Loading never unpickles: the file must be a well-formed safetensors file (8-byte header
+length, JSON header, raw tensor bytes); anything else, e.g. a ``torch.save`` pickle, is
+refused with :class:`~exactflow.errors.DataError` before any of it is interpreted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import DataError
+
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "load_checkpoint",
+    "optimizer_from_flat",
+    "optimizer_to_flat",
+    "save_checkpoint",
+]
+
+_META_KEY = "exactflow"
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file + fsync + ``os.replace``)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_checkpoint(path: str | Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    """Atomically write ``tensors`` and JSON-serialisable ``meta`` to one safetensors file."""
+    from safetensors.torch import save
+
+    # safetensors wants contiguous CPU tensors that share no memory
+    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    payload = save(flat, metadata={_META_KEY: json.dumps(meta, allow_nan=True)})
+    atomic_write_bytes(path, payload)
+
+
+def _header(raw: bytes, path: Path) -> dict[str, Any]:
+    refuse = (
+        f"{path}: not an exactflow checkpoint (expected a safetensors file; pickled or "
+        "other files are refused and never executed)"
+    )
+    if len(raw) < 8:
+        raise DataError(refuse)
+    (size,) = struct.unpack("<Q", raw[:8])
+    if size < 2 or size > _MAX_HEADER or 8 + size > len(raw):
+        raise DataError(refuse)
+    try:
+        header = json.loads(raw[8 : 8 + size].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(refuse) from err
+    if not isinstance(header, dict):
+        raise DataError(refuse)
+    return header
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read a checkpoint written by :func:`save_checkpoint`: ``(tensors, meta)``.
+
+    Raises :class:`DataError` for a missing, truncated, corrupt or non-safetensors file.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such checkpoint file")
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read checkpoint ({err.strerror})") from err
+    header = _header(raw, path)
+    meta_str = (header.get("__metadata__") or {}).get(_META_KEY)
+    if meta_str is None:
+        raise DataError(f"{path}: safetensors file without exactflow metadata")
+    try:
+        meta = json.loads(meta_str)
+        tensors = load(raw)
+    except (json.JSONDecodeError, SafetensorError) as err:
+        raise DataError(f"{path}: corrupt checkpoint ({err})") from err
+    return tensors, meta
+
+
+def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
+    """Split an optimiser's state dict into tensors and a JSON-ready remainder."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, Tensor):
+                tensors[f"{idx}.{key}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"scalars": scalars, "param_groups": sd["param_groups"]}
+
+
+def optimizer_from_flat(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], rest: dict
+) -> None:
+    """Inverse of :func:`optimizer_to_flat`: load the state into ``optimizer``."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    for idx, values in rest.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(values)
+    groups = rest["param_groups"]
+    for g in groups:
+        if "betas" in g and isinstance(g["betas"], list):
+            g["betas"] = tuple(g["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

@@ -1,0 +1,555 @@
+"""The training engine: maximum likelihood with the safety rails users expect.
+
+:class:`Trainer` minimises the mean negative log-likelihood ``-log p(x)`` of a
+:class:`~exactflow.Flow` on a tensor of training rows, with
+
+* Adam/AdamW, linear warm-up then cosine decay, gradient-norm clipping;
+* an exponential moving average (EMA) of the weights for evaluation;
+* validation every ``eval_every`` steps, keeping the best weights, early stopping;
+* a non-finite guard: a NaN/inf loss or gradient never reaches the weights (the update
+  is skipped with a warning), and ``max_nonfinite`` skips in a row abort the run;
+* seeded determinism: batches, dequantisation noise and model samples come from one
+  ``torch.Generator`` whose state is checkpointed, so a resumed run continues bit-for-bit
+  on CPU;
+* atomic safetensors checkpoints (:mod:`.checkpoint`) and a tqdm progress bar;
+* an optional MMD penalty between model samples and data (:mod:`.mmd`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError, DTypeError, ExactflowError, ShapeError
+from ..flow import Flow
+from .checkpoint import load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
+from .ema import EMA
+from .mmd import mmd2_rbf
+from .schedule import warmup_cosine
+
+__all__ = ["NonFiniteTraining", "TrainConfig", "TrainResult", "Trainer"]
+
+CHECKPOINT_FORMAT = "exactflow-train-state"
+CHECKPOINT_VERSION = 1
+
+
+class NonFiniteTraining(ExactflowError, RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+@dataclass
+class TrainConfig:
+    """Options of :class:`Trainer` (every field can be set from a TOML ``[train]`` table).
+
+    Attributes:
+        steps: optimisation steps (a skipped non-finite step counts as a step).
+        batch_size: rows per step; batches are drawn in shuffled epochs.
+        lr: peak learning rate.
+        optimizer: ``"adam"`` or ``"adamw"`` (decoupled weight decay).
+        weight_decay: L2 (adam) or decoupled (adamw) weight decay.
+        warmup: linear warm-up steps before the cosine decay.
+        final_lr_ratio: learning rate at the last step as a fraction of ``lr``.
+        clip_norm: clip the global gradient norm to this value (0 = no clipping).
+        ema: EMA decay of the evaluation weights (0 = evaluate the raw weights).
+        eval_every: validate every this many steps (and at the end).
+        eval_batch_size: rows per forward pass when evaluating.
+        patience: stop after this many validations without improvement (0 = never).
+        min_delta: improvement (nats) a validation must make to count as better.
+        max_nonfinite: abort after this many non-finite steps in a row.
+        checkpoint_every: write the resumable checkpoint every this many steps (0 = only at
+            the end); needs a checkpoint path.
+        seed: seeds batches, dequantisation and sampling (model init is the caller's).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
+        progress: show a tqdm progress bar.
+        mmd_weight: weight of the MMD^2 penalty between model samples and data (0 = off).
+        mmd_bandwidths: RBF bandwidths; empty = median heuristic.
+        mmd_samples: model samples per step for the MMD penalty.
+    """
+
+    steps: int = 2000
+    batch_size: int = 256
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    warmup: int = 100
+    final_lr_ratio: float = 0.01
+    clip_norm: float = 5.0
+    ema: float = 0.0
+    eval_every: int = 100
+    eval_batch_size: int = 4096
+    patience: int = 0
+    min_delta: float = 0.0
+    max_nonfinite: int = 20
+    checkpoint_every: int = 500
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+    mmd_weight: float = 0.0
+    mmd_bandwidths: list[float] = field(default_factory=list)
+    mmd_samples: int = 256
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any]) -> TrainConfig:
+        """Build from a mapping, refusing unknown keys (the error lists the valid ones)."""
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ConfigError(
+                f"unknown training option(s) {', '.join(unknown)}; valid: {', '.join(valid)}"
+            )
+        return cls(**options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self) -> None:
+        """Check types and ranges; raises :class:`ConfigError` naming the field."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            default = f.default
+            if f.name == "mmd_bandwidths":
+                if not isinstance(value, (list, tuple)) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value
+                ):
+                    raise ConfigError(
+                        f"mmd_bandwidths must be a list of positive numbers, got {value!r}"
+                    )
+                self.mmd_bandwidths = [float(v) for v in value]
+                continue
+            kind = type(default)
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                setattr(self, f.name, value)
+            if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, kind)):
+                raise ConfigError(
+                    f"training option {f.name} must be {kind.__name__}, got {value!r}"
+                )
+            if kind in (bool, str) and not isinstance(value, kind):
+                raise ConfigError(
+                    f"training option {f.name} must be {kind.__name__}, got {value!r}"
+                )
+        positive = (
+            "steps",
+            "batch_size",
+            "eval_every",
+            "eval_batch_size",
+            "max_nonfinite",
+            "mmd_samples",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"training option {name} must be >= 1, got {getattr(self, name)}")
+        nonneg = (
+            "weight_decay",
+            "warmup",
+            "clip_norm",
+            "patience",
+            "min_delta",
+            "checkpoint_every",
+            "mmd_weight",
+        )
+        for name in nonneg:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"training option {name} must be >= 0, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"ema decay must be in [0, 1), got {self.ema}")
+        if not 0.0 <= self.final_lr_ratio <= 1.0:
+            raise ConfigError(f"final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
+        if self.optimizer not in ("adam", "adamw"):
+            raise ConfigError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"device must be 'cpu', 'cuda[:N]' or 'auto', got {self.device!r}")
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.fit` did.
+
+    Attributes:
+        steps: steps completed (fewer than configured after early stopping).
+        best_val: best validation NLL (nats per sample), NaN without validation data.
+        best_step: step of ``best_val``.
+        stopped_early: stopped by patience.
+        skipped: steps whose update was skipped for a non-finite loss or gradient.
+        wall_time: seconds spent in :meth:`fit`, summed over resumed segments.
+        losses: training loss of every step (NaN for skipped steps).
+        val_history: ``[step, val_nll]`` pairs.
+    """
+
+    steps: int
+    best_val: float
+    best_step: int
+    stopped_early: bool
+    skipped: int
+    wall_time: float
+    losses: list[float]
+    val_history: list[list[float]]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` picks CUDA when available; an unavailable CUDA is a :class:`ConfigError`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available; use 'cpu'")
+    return torch.device(name)
+
+
+class Trainer:
+    """Fit a :class:`~exactflow.Flow` by maximum likelihood (see the module docstring).
+
+    Args:
+        flow: the model; trained in place.
+        train: ``(N, ...)`` training rows (kept on the CPU, batches moved to the device).
+        val: validation rows for best-weight selection and early stopping, or ``None``.
+        config: a :class:`TrainConfig`.
+        batch_fn: ``(rows, generator) -> model input`` applied to every batch on the CPU
+            (dequantisation, reshaping); identity by default.
+        checkpoint: path of the resumable checkpoint file, or ``None``.
+        meta: extra JSON-ready metadata stored in every checkpoint.
+    """
+
+    def __init__(
+        self,
+        flow: Flow,
+        train: Tensor,
+        val: Tensor | None = None,
+        config: TrainConfig | None = None,
+        *,
+        batch_fn: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+        checkpoint: str | Path | None = None,
+        meta: dict[str, Any] | None = None,
+    ):
+        if not isinstance(flow, Flow):
+            raise DTypeError(f"Trainer needs an exactflow Flow, got {type(flow).__name__}")
+        for name, data in (("train", train), ("val", val)):
+            if data is None and name == "val":
+                continue
+            if not isinstance(data, Tensor) or data.dim() < 1 or data.shape[0] < 1:
+                raise ShapeError(
+                    f"{name} data must be a non-empty tensor (N, ...), got {data!r:.60}"
+                )
+        self.config = config or TrainConfig()
+        self.device = resolve_device(self.config.device)
+        self.flow = flow.to(self.device)
+        self.train_data = train.detach().cpu()
+        self.val_data = None if val is None else val.detach().cpu()
+        self.batch_fn = batch_fn or (lambda x, g: x)
+        self.checkpoint = None if checkpoint is None else Path(checkpoint)
+        self.meta = dict(meta or {})
+        c = self.config
+        params = [p for p in flow.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError("the flow has no trainable parameters")
+        self.params = params
+        opt_cls = torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = opt_cls(params, lr=c.lr, weight_decay=c.weight_decay)
+        self.ema = EMA(flow, c.ema) if c.ema > 0 else None
+        self.generator = torch.Generator().manual_seed(c.seed)
+        self.sample_generator = (
+            self.generator
+            if self.device.type == "cpu"
+            else torch.Generator(device=self.device).manual_seed(c.seed + 1)
+        )
+        # training position and bookkeeping (all checkpointed)
+        self.step = 0
+        self.perm = torch.randperm(self.train_data.shape[0], generator=self.generator)
+        self.pos = 0
+        self.best_val = math.inf
+        self.best_step = -1
+        self.best_state: dict[str, Tensor] | None = None
+        self.bad_evals = 0
+        self.stopped_early = False
+        self.nonfinite_streak = 0
+        self.skipped = 0
+        self.wall_time = 0.0
+        self.losses: list[float] = []
+        self.val_history: list[list[float]] = []
+
+    # -- data ----------------------------------------------------------------------------------
+    def _next_batch(self) -> Tensor:
+        n, b = self.train_data.shape[0], min(self.config.batch_size, self.train_data.shape[0])
+        if self.pos + b > n:
+            self.perm = torch.randperm(n, generator=self.generator)
+            self.pos = 0
+        idx = self.perm[self.pos : self.pos + b]
+        self.pos += b
+        x = self.batch_fn(self.train_data[idx], self.generator)
+        return x.to(self.device, self.flow.dtype)
+
+    # -- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def nll(self, data: Tensor, seed: int | None = None) -> tuple[float, float]:
+        """Mean and standard error of ``-log p`` over ``data`` with the current weights.
+
+        The pre-processing noise (dequantisation) is drawn from a generator seeded with
+        ``seed`` (default: the config seed), so repeated evaluations are comparable.
+        """
+        g = torch.Generator().manual_seed(self.config.seed if seed is None else seed)
+        was_training = self.flow.training
+        self.flow.eval()
+        values = []
+        try:
+            for i in range(0, data.shape[0], self.config.eval_batch_size):
+                x = self.batch_fn(data[i : i + self.config.eval_batch_size], g)
+                x = x.to(self.device, self.flow.dtype)
+                values.append(-self.flow.log_prob(x).double().cpu())
+        finally:
+            self.flow.train(was_training)
+        v = torch.cat(values)
+        se = float(v.std() / math.sqrt(v.numel())) if v.numel() > 1 else math.nan
+        return float(v.mean()), se
+
+    def _eval_state(self) -> dict[str, Tensor]:
+        if self.ema is None:
+            return {k: v.detach().clone() for k, v in self.flow.state_dict().items()}
+        with self.ema.applied():
+            return {k: v.detach().clone() for k, v in self.flow.state_dict().items()}
+
+    def _validate(self) -> None:
+        if self.val_data is None:
+            return
+        if self.ema is None:
+            val, _ = self.nll(self.val_data)
+        else:
+            with self.ema.applied():
+                val, _ = self.nll(self.val_data)
+        self.val_history.append([self.step, val])
+        if val < self.best_val - self.config.min_delta:
+            self.best_val, self.best_step = val, self.step
+            self.best_state = self._eval_state()
+            self.bad_evals = 0
+        else:
+            self.bad_evals += 1
+            if self.config.patience and self.bad_evals >= self.config.patience:
+                self.stopped_early = True
+
+    # -- one step ------------------------------------------------------------------------------
+    def _loss(self, x: Tensor) -> Tensor:
+        loss = -self.flow.log_prob(x).mean()
+        c = self.config
+        if c.mmd_weight > 0:
+            samples = self.flow.rsample(c.mmd_samples, generator=self.sample_generator)
+            loss = loss + c.mmd_weight * mmd2_rbf(samples, x, c.mmd_bandwidths or None)
+        return loss
+
+    def _set_lr(self) -> None:
+        c = self.config
+        lr = warmup_cosine(self.step, c.steps, c.lr, c.warmup, c.final_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def train_step(self, x: Tensor) -> float:
+        """One guarded update on the model input ``x``; returns the loss (NaN if skipped).
+
+        A non-finite loss or gradient leaves weights, optimiser and EMA untouched, warns,
+        and counts towards ``max_nonfinite``.
+        """
+        self._set_lr()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._loss(x)
+        value = float(loss.detach())
+        problem = None
+        if not math.isfinite(value):
+            problem = f"loss is {value}"
+        else:
+            loss.backward()
+            max_norm = self.config.clip_norm if self.config.clip_norm > 0 else math.inf
+            norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+            if not math.isfinite(norm):
+                problem = f"gradient norm is {norm}"
+        if problem is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped += 1
+            self.nonfinite_streak += 1
+            warnings.warn(
+                f"step {self.step}: {problem}; update skipped "
+                f"({self.nonfinite_streak} in a row, limit {self.config.max_nonfinite})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            if self.nonfinite_streak >= self.config.max_nonfinite:
+                raise NonFiniteTraining(
+                    f"training aborted at step {self.step}: {self.nonfinite_streak} consecutive "
+                    f"steps had a non-finite loss or gradient ({problem}); the weights are "
+                    "those of the last good step. Lower lr, check the data for outliers, or "
+                    "use a model with bounded scales"
+                )
+            return math.nan
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
+        self.nonfinite_streak = 0
+        return value
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Everything needed to resume: ``(tensors, JSON metadata)``."""
+        tensors: dict[str, Tensor] = {}
+        for k, v in self.flow.state_dict().items():
+            tensors[f"model.{k}"] = v
+        opt_tensors, opt_rest = optimizer_to_flat(self.optimizer)
+        for k, v in opt_tensors.items():
+            tensors[f"optim.{k}"] = v
+        if self.ema is not None:
+            for k, v in self.ema.state_tensors().items():
+                tensors[f"ema.{k}"] = v
+        if self.best_state is not None:
+            for k, v in self.best_state.items():
+                tensors[f"best.{k}"] = v
+        tensors["rng.generator"] = self.generator.get_state()
+        tensors["rng.torch"] = torch.get_rng_state()
+        if self.sample_generator is not self.generator:
+            tensors["rng.sample_generator"] = self.sample_generator.get_state()
+        tensors["data.perm"] = self.perm
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "config": self.config.to_dict(),
+            "optimizer": opt_rest,
+            "step": self.step,
+            "pos": self.pos,
+            "best_val": self.best_val,
+            "best_step": self.best_step,
+            "bad_evals": self.bad_evals,
+            "stopped_early": self.stopped_early,
+            "nonfinite_streak": self.nonfinite_streak,
+            "skipped": self.skipped,
+            "ema_updates": 0 if self.ema is None else self.ema.updates,
+            "wall_time": self.wall_time,
+            "losses": self.losses,
+            "val_history": self.val_history,
+            "meta": self.meta,
+        }
+        return tensors, meta
+
+    def save(self, path: str | Path | None = None) -> None:
+        """Write the resumable checkpoint atomically."""
+        path = Path(path) if path is not None else self.checkpoint
+        if path is None:
+            raise ConfigError("no checkpoint path given")
+        tensors, meta = self.state()
+        save_checkpoint(path, tensors, meta)
+
+    def load(self, path: str | Path | None = None) -> None:
+        """Restore model, optimiser, EMA, RNG and counters from a checkpoint."""
+        path = Path(path) if path is not None else self.checkpoint
+        if path is None:
+            raise ConfigError("no checkpoint path given")
+        tensors, meta = load_checkpoint(path)
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ConfigError(f"{path}: not a training checkpoint (format {meta.get('format')!r})")
+        groups: dict[str, dict[str, Tensor]] = {}
+        for k, v in tensors.items():
+            head, _, rest = k.partition(".")
+            groups.setdefault(head, {})[rest] = v
+        try:
+            self.flow.load_state_dict(groups.get("model", {}), strict=True)
+        except RuntimeError as err:
+            raise ConfigError(
+                f"{path}: checkpoint does not match this model ({str(err).splitlines()[0]})"
+            ) from err
+        optimizer_from_flat(self.optimizer, groups.get("optim", {}), meta["optimizer"])
+        if self.ema is not None:
+            self.ema.load_tensors(groups.get("ema", {}), meta["ema_updates"])
+        best = groups.get("best")
+        self.best_state = {k: v.to(self.device) for k, v in best.items()} if best else None
+        rng = groups["rng"]
+        self.generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch"])
+        if "sample_generator" in rng and self.sample_generator is not self.generator:
+            self.sample_generator.set_state(rng["sample_generator"])
+        self.perm = groups["data"]["perm"]
+        for key in ("step", "pos", "best_step", "bad_evals", "nonfinite_streak", "skipped"):
+            setattr(self, key, int(meta[key]))
+        self.best_val = float(meta["best_val"])
+        self.stopped_early = bool(meta["stopped_early"])
+        self.wall_time = float(meta["wall_time"])
+        self.losses = [float(v) for v in meta["losses"]]
+        self.val_history = [list(v) for v in meta["val_history"]]
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> TrainResult:
+        """Train until ``config.steps`` or early stopping; returns a :class:`TrainResult`.
+
+        With ``resume=True`` the state is first restored from the checkpoint file. At the
+        end the flow holds the best validation weights (EMA weights if enabled; the last
+        weights without validation data).
+        """
+        c = self.config
+        if resume:
+            self.load()
+        start = time.perf_counter()
+        bar = _progress(c, self.step)
+        smooth = math.nan
+        try:
+            self.flow.train()
+            while self.step < c.steps and not self.stopped_early:
+                x = self._next_batch()
+                loss = self.train_step(x)
+                self.losses.append(loss)
+                self.step += 1
+                if math.isfinite(loss):
+                    smooth = loss if math.isnan(smooth) else 0.95 * smooth + 0.05 * loss
+                if self.step % c.eval_every == 0 or self.step == c.steps:
+                    self._validate()
+                if self.checkpoint is not None and (
+                    (c.checkpoint_every and self.step % c.checkpoint_every == 0)
+                    or self.step == c.steps
+                    or self.stopped_early
+                ):
+                    self.wall_time += time.perf_counter() - start
+                    start = time.perf_counter()
+                    self.save()
+                if bar is not None:
+                    bar.update(1)
+                    if self.step % 10 == 0 or self.step == c.steps:
+                        post = {"loss": f"{smooth:.3f}"}
+                        if self.val_history:
+                            post["val_nll"] = f"{self.val_history[-1][1]:.3f}"
+                        bar.set_postfix(post, refresh=False)
+        finally:
+            if bar is not None:
+                bar.close()
+        self.wall_time += time.perf_counter() - start
+        self._finalize()
+        return TrainResult(
+            steps=self.step,
+            best_val=self.best_val if self.val_data is not None else math.nan,
+            best_step=self.best_step,
+            stopped_early=self.stopped_early,
+            skipped=self.skipped,
+            wall_time=self.wall_time,
+            losses=list(self.losses),
+            val_history=[list(v) for v in self.val_history],
+        )
+
+    def _finalize(self) -> None:
+        if self.best_state is not None:
+            self.flow.load_state_dict(self.best_state)
+        elif self.ema is not None:
+            self.flow.load_state_dict(self._eval_state())
+        self.flow.eval()
+
+
+def _progress(config: TrainConfig, initial: int):
+    if not config.progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is in the [train] extra
+        return None
+    return tqdm(total=config.steps, initial=initial, unit="step", dynamic_ncols=True, leave=False)
