@@ -25,6 +25,13 @@ SUFFIXES = (".npy", ".csv")
 
 def _read_npy(path: Path) -> np.ndarray:
     try:
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror})") from err
+    if magic != b"\x93NUMPY":
+        raise DataError(f"{path}: not a readable .npy array (no NumPy header)")
+    try:
         arr = np.load(path, allow_pickle=False)
     except ValueError as err:
         if "pickle" in str(err).lower():
