@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from ..flow import Flow
 from .autoregressive import IAF, MAF, NSF
+from .continuous import FFJORD
 from .coupling import NICE, RealNVP
 from .simple import Planar, Radial
 
@@ -31,6 +32,7 @@ MODELS: dict[str, Callable[..., Flow]] = {
     "nsf-coupling": NSFCoupling,
     "planar": Planar,
     "radial": Radial,
+    "ffjord": FFJORD,
 }
 
 __all__ = ["IAF", "MAF", "MODELS", "NICE", "NSF", "NSFCoupling", "Planar", "Radial", "RealNVP"]
