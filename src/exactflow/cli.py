@@ -1,4 +1,4 @@
-"""The ``exactflow`` command line: ``train``, ``eval``, ``sample`` and ``check``.
+"""The ``exactflow`` command line: ``train``, ``eval``, ``sample``, ``check`` and ``detect``.
 
     exactflow train                          # NSF on two moons, prints the test NLL
     exactflow train --data breast_cancer --model maf --steps 3000 --out runs/bc
@@ -7,6 +7,7 @@
     exactflow eval runs/x [--data held_out.csv]
     exactflow sample runs/x -n 64 --out samples.png
     exactflow check nsf --features 4
+    exactflow detect runs/bc --data new.csv [--labels y.csv] [--quantile 0.99]
 
 Errors from bad input (unknown names, bad files, a checkpoint of another model, an
 existing output directory) print one line on stderr and exit with code 2, no traceback.
@@ -67,6 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--features", type=int, default=2, help="data dimension (default 2)")
     c.add_argument("--context", type=int, default=0, help="context features (default 0)")
     c.add_argument("--seed", type=int, default=0)
+
+    d = sub.add_parser("detect", help="flag anomalies: -log p(x) above a calibrated quantile")
+    d.add_argument("run", help="run directory")
+    d.add_argument("--data", required=True, help=".npy/.csv rows to score")
+    d.add_argument("--labels", help="one-column .npy/.csv of 0/1 (1 = anomaly) for metrics")
+    d.add_argument("--quantile", type=float, default=0.99, help="of validation scores (0.99)")
+    d.add_argument("--out", help="output directory (default RUN/detect)")
     return p
 
 
@@ -207,6 +215,23 @@ def _cmd_check(args) -> int:
     return 0 if report.passed else EXIT_FAILED
 
 
+def _cmd_detect(args) -> int:
+    from .anomaly import detect_run
+
+    r = detect_run(args.run, args.data, args.labels, args.quantile, args.out)
+    print(
+        f"threshold {r['threshold']:.4f} {r['unit']} ({r['quantile']} quantile of validation "
+        f"scores): {r['flagged']} of {r['n']} rows flagged"
+    )
+    if "auroc" in r:
+        print(
+            f"AUROC {r['auroc']:.4f}  AP {r['average_precision']:.4f}  F1 {r['f1']:.4f}  "
+            f"FPR@95%TPR {r['fpr_at_95_tpr']:.4f}"
+        )
+    print(f"outputs in {r['out']}/")
+    return 0
+
+
 class _Usage(ExactflowError, ValueError):
     """A command-line usage error."""
 
@@ -218,7 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT
-    commands = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample, "check": _cmd_check}
+    commands = {
+        "train": _cmd_train,
+        "eval": _cmd_eval,
+        "sample": _cmd_sample,
+        "check": _cmd_check,
+        "detect": _cmd_detect,
+    }
     try:
         with warnings.catch_warnings():
             # one line per warning, without the source line, keeps the output readable
