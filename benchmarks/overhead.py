@@ -1,0 +1,152 @@
+"""Flow overhead: a flow's training step divided by a bare MLP stack's with the same matmuls.
+
+The floor for a flow whose conditioners are 5 MLPs of shape ``n_in -> 128 -> 128 -> n_out`` is
+5 such plain ``nn.Sequential`` MLPs (Linear/ReLU) trained with the same Adam step on a trivial
+loss at the same batch: everything a flow adds (masks, permutations, the elementwise maps and
+their log-dets, the base density, Python dispatch) shows up as the ratio above 1.
+
+Matmul shapes per transform (D features, K bins):
+
+* MAF      ``D -> 128 -> 128 -> 2D``
+* NSF      ``D -> 128 -> 128 -> (3K - 1) D``   (autoregressive, linear tails)
+* RealNVP  ``D/2 -> 128 -> 128 -> D``
+
+Timings are interleaved (flow, floor, flow, floor, ...) and the median ratio is reported.
+
+    python benchmarks/overhead.py [--device cpu|cuda] [--dims 16 64] [--models maf nsf realnvp]
+                                  [--libs exactflow zuko nflows normflows] [--rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers  # the builders live next to this script
+
+
+def floor_shapes(model: str, d: int) -> list[int]:
+    """Layer widths of one conditioner MLP of ``model`` at dimension ``d``."""
+    if model == "maf":
+        return [d, *peers.HIDDEN, 2 * d]
+    if model == "nsf":
+        return [d, *peers.HIDDEN, (3 * peers.BINS - 1) * d]
+    return [d // 2, *peers.HIDDEN, 2 * (d - d // 2)]
+
+
+def mlp_stack(model: str, d: int) -> nn.ModuleList:
+    """``peers.TRANSFORMS`` plain MLPs with the conditioner shapes of ``model``."""
+    widths = floor_shapes(model, d)
+    stack = []
+    for _ in range(peers.TRANSFORMS):
+        layers: list[nn.Module] = []
+        for i, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
+            layers.append(nn.Linear(n_in, n_out))
+            if i < len(widths) - 2:
+                layers.append(nn.ReLU())
+        stack.append(nn.Sequential(*layers))
+    return nn.ModuleList(stack)
+
+
+def _step_fn(module: nn.Module, loss_fn, device: torch.device):
+    opt = torch.optim.Adam(module.parameters(), lr=1e-3)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        opt.step()
+
+    return step
+
+
+def _seconds(fn, iters: int, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) / iters
+
+
+def measure(lib: str, model: str, d: int, args, device: torch.device) -> dict:
+    """Median flow-step / floor-step time ratio over interleaved rounds."""
+    flow = peers.build(lib, model, d, device)
+    torch.manual_seed(0)
+    stack = mlp_stack(model, d).to(device)
+    x = torch.randn(args.batch, d, device=device)
+    x_in = x[:, : floor_shapes(model, d)[0]].contiguous()
+    flow_step = _step_fn(flow.module, lambda: -flow.log_prob(x).mean(), device)
+    floor_step = _step_fn(stack, lambda: sum(net(x_in).square().mean() for net in stack), device)
+    for fn in (flow_step, floor_step):  # warm-up
+        fn()
+        fn()
+    one = _seconds(flow_step, 1, device)
+    iters = max(1, min(50, math.ceil(args.target / max(one, 1e-6))))
+    flow_t, floor_t = [], []
+    for _ in range(args.rounds):
+        flow_t.append(_seconds(flow_step, iters, device))
+        floor_t.append(_seconds(floor_step, iters, device))
+    ratios = [a / b for a, b in zip(flow_t, floor_t)]
+    return {
+        "flow_ms": 1e3 * statistics.median(flow_t),
+        "floor_ms": 1e3 * statistics.median(floor_t),
+        "ratio": statistics.median(ratios),
+        "flow_params": flow.params(),
+        "floor_params": sum(p.numel() for p in stack.parameters()),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--dims", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--models", nargs="+", choices=peers.MODELS, default=list(peers.MODELS))
+    ap.add_argument(
+        "--libs", nargs="+", choices=[*peers.BUILDERS, "zuko+compile"], default=["exactflow"]
+    )
+    ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--target", type=float, default=0.3, help="seconds per timed measurement")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device visible to torch")
+    libs = peers.available(args.libs)
+    print(
+        f"flow training step / bare-MLP floor step (Adam, batch {args.batch}, {device}, "
+        f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds)"
+    )
+    print(
+        peers._table(["lib", "model", "D", "flow ms", "floor ms", "ratio", "params flow/floor"], [])
+    )
+    for lib in libs:
+        for model in args.models:
+            for d in args.dims:
+                try:
+                    r = measure(lib, model, d, args, device)
+                except Exception as exc:
+                    print(f"| {lib} | {model} | {d} | error: {type(exc).__name__}: {exc} |")
+                    continue
+                print(
+                    f"| {lib} | {model} | {d} | {r['flow_ms']:.2f} | {r['floor_ms']:.2f} | "
+                    f"{r['ratio']:.2f} | {r['flow_params']}/{r['floor_params']} |",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
