@@ -1,0 +1,136 @@
+import math
+
+import pytest
+import torch
+
+from exactflow.errors import ConfigError, ShapeError
+from exactflow.models import IAF, NSF, Planar, Radial
+from exactflow.vi import (
+    TARGETS,
+    energy_u1,
+    energy_u2,
+    energy_u3,
+    energy_u4,
+    evaluate_vi,
+    fit_vi,
+    log_z_grid,
+    plot_vi,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+MU = torch.tensor([1.0, -0.5])
+PREC = torch.tensor([[2.0, 0.9], [0.9, 1.0]])  # precision matrix, positive definite
+OFFSET = 3.0
+# Z = e^3 * (2 pi)^(D/2) / sqrt(det P)
+LOG_Z = OFFSET + math.log(2 * math.pi) - 0.5 * math.log(float(torch.det(PREC)))
+
+
+def gaussian_target(z):
+    d = z - MU.to(z)
+    return OFFSET - 0.5 * ((d @ PREC.to(z)) * d).sum(-1)
+
+
+def test_energies_match_hand_values():
+    z = torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 1.0], [1.0, 0.0]])
+    # U1 at (2, 0): on the ring, at the centre of the right lobe -> -log(1 + e^{-(4/0.6)^2/2})
+    assert float(energy_u1(z[0])) == pytest.approx(-math.log1p(math.exp(-0.5 * (4 / 0.6) ** 2)))
+    # U1 at (0, 2): on the ring, both lobes at distance 2 -> -log(2 e^{-(2/0.6)^2/2})
+    assert float(energy_u1(z[1])) == pytest.approx(0.5 * (2 / 0.6) ** 2 - math.log(2.0))
+    env = 0.5 * (1 / 4) ** 8
+    # w1(1) = sin(pi / 2) = 1, so z2 = 1 sits on the U2 ridge
+    assert float(energy_u2(z[2])) == pytest.approx(env)
+    # at z1 = 1: w2 = 3, w3 = 3/2; z2 = 0 is d = -1 below the first ridge
+    a, b = -0.5 * (1 / 0.35) ** 2, -0.5 * (2 / 0.35) ** 2
+    assert float(energy_u3(z[3])) == pytest.approx(-math.log(math.exp(a) + math.exp(b)) + env)
+    a, b = -0.5 * (1 / 0.4) ** 2, -0.5 * (0.5 / 0.35) ** 2
+    assert float(energy_u4(z[3])) == pytest.approx(-math.log(math.exp(a) + math.exp(b)) + env)
+    for name in TARGETS:
+        assert TARGETS[name](z).shape == (4,)
+    with pytest.raises(ShapeError, match="\\(\\*batch, 2\\)"):
+        energy_u1(torch.zeros(3, 3))
+
+
+def test_grid_quadrature_matches_closed_form_log_z():
+    assert log_z_grid(gaussian_target, lim=8.0, n=401) == pytest.approx(LOG_Z, abs=1e-8)
+    # every built-in target is normalisable: the box edge holds no mass
+    for name in TARGETS:
+        assert log_z_grid(name, lim=7.0, n=401) == pytest.approx(
+            log_z_grid(name, lim=9.0, n=515), abs=1e-3
+        )
+
+
+def test_iaf_fits_a_gaussian_target_and_estimates_log_z():
+    torch.manual_seed(0)
+    flow = IAF(2, transforms=2, hidden=(16,))
+    untrained = evaluate_vi(
+        flow, gaussian_target, n=5000, generator=torch.Generator().manual_seed(1)
+    )
+    res = fit_vi(flow, gaussian_target, steps=400, lr=1e-2, eval_samples=20000, seed=0)
+    # an affine autoregressive q contains the target: KL(q || p) = log Z - ELBO -> 0
+    assert untrained.elbo < LOG_Z - 0.3
+    assert LOG_Z - 0.03 < res.elbo <= LOG_Z + 3 * res.elbo_se
+    assert abs(res.log_z - LOG_Z) < 3 * res.log_z_se + 2e-3
+    assert res.ess > 0.9 and len(res.losses) == 400
+
+
+def test_planar_vi_on_u1_improves_and_stays_a_lower_bound():
+    log_z = log_z_grid("U1", lim=6.0, n=601)
+    torch.manual_seed(0)
+    flow = Planar(2, transforms=8, for_sampling=True)
+    g = torch.Generator().manual_seed(3)
+    before = evaluate_vi(flow, "U1", n=20000, generator=g)
+    res = fit_vi(flow, "U1", steps=150, lr=2e-2, eval_samples=20000, seed=0)
+    assert res.elbo > before.elbo + 1.0
+    assert res.elbo <= log_z + 3 * res.elbo_se
+    assert res.log_z <= log_z + 5 * res.log_z_se + 0.05  # IS is unbiased for Z, not log Z
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: Planar(2, 4, for_sampling=True),
+        lambda: Radial(2, 4, for_sampling=True),
+        lambda: IAF(2, transforms=2, hidden=(8,)),
+        lambda: NSF(2, transforms=1, hidden=(8,)),
+    ],
+    ids=["planar", "radial", "iaf", "nsf"],
+)
+def test_each_flow_family_trains_as_q(build, tmp_path):
+    torch.manual_seed(0)
+    flow = build()
+    g = torch.Generator().manual_seed(0)
+    before = evaluate_vi(flow, gaussian_target, n=4000, generator=g)
+    res = fit_vi(flow, gaussian_target, steps=40, lr=2e-2, eval_samples=4000)
+    assert math.isfinite(res.elbo) and res.elbo > before.elbo
+    assert res.elbo <= LOG_Z + 3 * res.elbo_se
+    grads = [p.grad for p in flow.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(gr).all() for gr in grads)
+
+
+def test_bad_arguments_and_plot(tmp_path):
+    flow = Planar(2, 2, for_sampling=True)
+    with pytest.raises(ConfigError, match="unknown target 'U5'"):
+        fit_vi(flow, "U5")
+    with pytest.raises(ConfigError, match="steps must be a positive int"):
+        fit_vi(flow, "U1", steps=0)
+    with pytest.raises(TypeError, match="callable"):
+        fit_vi(flow, 3.0)
+    plot_vi({"planar": flow}, "U2", tmp_path / "vi.png", n=40)
+    assert (tmp_path / "vi.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_nsf_reaches_log_z_of_u1_within_a_tenth_of_a_nat():
+    log_z = log_z_grid("U1")
+    torch.manual_seed(0)
+    flow = NSF(2, transforms=4, hidden=(32, 32))
+    res = fit_vi(flow, "U1", steps=1500, lr=5e-3, eval_samples=50000)
+    assert log_z - 0.1 < res.elbo <= log_z + 3 * res.elbo_se
