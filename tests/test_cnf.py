@@ -168,6 +168,21 @@ def test_eval_mode_uses_exact_trace():
         assert not torch.allclose(l3, l4)
 
 
+def test_inference_mode_gives_the_same_log_prob():
+    flow = Flow(
+        CNF(random_mlp(2, seed=19, hidden=(8,)), solver="rk4", steps=4), StandardNormal((2,))
+    )
+    flow = flow.double().eval()
+    x = torch.randn(5, 2, dtype=F64)
+    with torch.no_grad():
+        expected = flow.log_prob(x)
+    with torch.inference_mode():
+        got = flow.log_prob(x)
+        samples = flow.sample(3)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    assert samples.shape == (3, 2) and torch.isfinite(samples).all()
+
+
 def test_auto_trace_switches_at_eight_dimensions():
     cnf = CNF(TimeMLP(9, (4,)))
     assert cnf.trace_mode(8) == "exact" and cnf.trace_mode(9) == "hutchinson"

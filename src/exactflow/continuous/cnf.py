@@ -533,6 +533,12 @@ class CNF(Transform):
         return x, context.reshape(-1, self.context_features)
 
     def _solve(self, x: Tensor, context: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor]:
+        if torch.is_inference_mode_enabled():
+            # the trace needs autograd, which inference mode switches off even inside
+            # enable_grad (the trace would silently be 0): solve on normal copies, no graph kept
+            with torch.inference_mode(False), torch.no_grad():
+                c = None if context is None else context.clone()
+                return self._solve(x.clone(), c, reverse)
         x, ctx = self._check(x, context)
         batch, d = tuple(x.shape[:-1]), x.shape[-1]
         terms = self.rnode.active if self.training else ()
