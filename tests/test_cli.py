@@ -211,3 +211,29 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, capsys):
     ma = json.loads((ref / "metrics.json").read_text())
     mb = json.loads((killed / "metrics.json").read_text())
     assert ma["test_nll"] == mb["test_nll"]
+
+
+def test_model_file_of_another_model_is_refused(tmp_path, tiny, capsys):
+    from exactflow.train import save_checkpoint
+
+    out = tmp_path / "run"
+    assert run("train", "--config", tiny, "--out", out, "--quiet", "--no-plots") == 0
+    tensors, meta = load_checkpoint(out / "model.safetensors")
+    meta["run"]["model_args"]["transforms"] = 3  # the weights are those of 2 transforms
+    save_checkpoint(out / "model.safetensors", tensors, meta)
+    capsys.readouterr()
+    assert run("eval", out) == 2
+    assert "weights do not match model 'realnvp'" in one_line_error(capsys)
+
+
+def test_full_disk_fails_cleanly(tmp_path, tiny, capsys, monkeypatch):
+    import exactflow.train.checkpoint as ck
+
+    def no_space(path, data):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(ck, "atomic_write_bytes", no_space)
+    out = tmp_path / "run"
+    assert run("train", "--config", tiny, "--out", out, "--quiet", "--no-plots") == 2
+    assert "No space left on device" in one_line_error(capsys)
+    assert not (out / "checkpoint.safetensors").exists()
