@@ -13,6 +13,7 @@ from ..flow import Flow
 from .autoregressive import IAF, MAF, NSF
 from .continuous import FFJORD
 from .coupling import NICE, RealNVP
+from .matching import CFM, OTCFM, RectifiedFlow
 from .simple import Planar, Radial
 
 
@@ -33,6 +34,9 @@ MODELS: dict[str, Callable[..., Flow]] = {
     "planar": Planar,
     "radial": Radial,
     "ffjord": FFJORD,
+    "cfm": CFM,
+    "otcfm": OTCFM,
+    "rectified": RectifiedFlow,
 }
 
 __all__ = ["IAF", "MAF", "MODELS", "NICE", "NSF", "NSFCoupling", "Planar", "Radial", "RealNVP"]
