@@ -94,7 +94,8 @@ def test_tabular_standardised_with_training_statistics_only():
 
 
 def test_digits_tabular_and_image_views():
-    tab = load_dataset("digits", seed=0)
+    assert load_dataset("digits", seed=0).preprocessing == "logit"
+    tab = load_dataset("digits", seed=0, preprocessing="standardize")
     img = load_dataset("digits_image", seed=0)
     assert tab.shape == (64,) and tab.levels == 17 and tab.image_shape == (1, 8, 8)
     assert img.shape == (1, 8, 8) and img.train.shape[1:] == (1, 8, 8)
@@ -104,6 +105,8 @@ def test_digits_tabular_and_image_views():
         assert torch.equal(x, x.round()) and x.min() == 0 and x.max() == 16
     # dequantised statistics in closed form: mean + 1/2
     assert torch.allclose(tab.mean, tab.train.mean(0) + 0.5, atol=1e-5)
+    with pytest.raises(ConfigError, match="needs discrete data"):
+        load_dataset("iris", preprocessing="logit")
 
 
 def test_splits_depend_on_seed_and_are_disjoint():

@@ -142,10 +142,16 @@ def image_grid(images: Tensor, nrow: int | None = None, pad: int = 1) -> np.ndar
 def plot_images(images: Tensor, path: str | Path, nrow: int | None = None, title: str = "") -> None:
     """Save a grid of ``(N, C, H, W)`` images with values in ``[0, 1]`` as a PNG."""
     grid = image_grid(images, nrow)
-    size = max(3.0, min(10.0, grid.shape[1] / 20))
+    size = max(5.0, min(10.0, grid.shape[1] / 20))
     fig = _figure(size, size * grid.shape[0] / grid.shape[1] + (0.3 if title else 0.0))
     ax = fig.add_subplot(1, 1, 1)
-    ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1)
+    ax.imshow(
+        grid.squeeze(-1) if grid.shape[-1] == 1 else grid,
+        cmap="gray",
+        vmin=0,
+        vmax=1,
+        interpolation="nearest",
+    )
     ax.axis("off")
     if title:
         ax.set_title(title)
