@@ -31,6 +31,8 @@ __all__ = [
     "load_checkpoint",
     "optimizer_from_flat",
     "optimizer_to_flat",
+    "parse_checkpoint",
+    "read_checkpoint_bytes",
     "save_checkpoint",
 ]
 
@@ -109,16 +111,29 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
 
     Raises :class:`DataError` for a missing, truncated, corrupt or non-safetensors file.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+    return parse_checkpoint(read_checkpoint_bytes(path), path)
 
+
+def read_checkpoint_bytes(path: str | Path) -> bytes:
+    """The raw bytes of a checkpoint file; :class:`DataError` if missing or unreadable."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such checkpoint file")
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
     except OSError as err:
         raise DataError(f"{path}: cannot read checkpoint ({err.strerror})") from err
+
+
+def parse_checkpoint(raw: bytes, path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """:func:`load_checkpoint` on bytes already read (e.g. broadcast from another process).
+
+    ``path`` only names the source in error messages.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = Path(path)
     header = _header(raw, path)
     meta_str = (header.get("__metadata__") or {}).get(_META_KEY)
     if meta_str is None:
