@@ -151,11 +151,11 @@ def _fmt(v: float) -> str:
 
 
 def _print_metrics(m: dict, out: Path) -> None:
-    line = f"test NLL {_fmt(m['test_nll'])} ± {_fmt(m['test_nll_se'])} nats"
     from .train.distributed import is_main_process
 
     if not is_main_process():  # under torchrun every rank returns the metrics: print once
         return
+    line = f"test NLL {_fmt(m['test_nll'])} ± {_fmt(m['test_nll_se'])} nats"
     if "bits_per_dim" in m:
         line += f"  ({_fmt(m['bits_per_dim'])} ± {_fmt(m['bits_per_dim_se'])} bits/dim)"
     line += f"  after {m['steps']} steps in {m['wall_time_s']:.1f} s"
