@@ -243,7 +243,7 @@ class Trainer:
                     f"{name} data must be a non-empty tensor (N, ...), got {data!r:.60}"
                 )
         self.config = config or TrainConfig()
-        self.device = resolve_device(self.config.device)
+        self.device = self._select_device(self.config.device)
         self.flow = flow.to(self.device)
         self.train_data = train.detach().cpu()
         self.val_data = None if val is None else val.detach().cpu()
@@ -279,16 +279,39 @@ class Trainer:
         self.losses: list[float] = []
         self.val_history: list[list[float]] = []
 
+    # -- hooks a data-parallel trainer overrides (see .distributed) ----------------------------
+    def _select_device(self, name: str) -> torch.device:
+        return resolve_device(name)
+
+    def _warn(self, message: str) -> None:
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _read_checkpoint(self, path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        return load_checkpoint(path)
+
+    def _objective(self, x: Tensor) -> tuple[Tensor, float]:
+        """The loss to differentiate and its value for the whole (global) batch."""
+        loss = self._loss(x)
+        return loss, float(loss.detach())
+
+    def _clip_gradients(self) -> float:
+        """Clip the gradient norm to ``clip_norm``; returns the norm before clipping."""
+        max_norm = self.config.clip_norm if self.config.clip_norm > 0 else math.inf
+        return float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+
     # -- data ----------------------------------------------------------------------------------
     def _next_batch(self) -> Tensor:
+        return self._next_rows().to(self.device, self.flow.dtype)
+
+    def _next_rows(self) -> Tensor:
+        """The next batch of ``batch_size`` rows after ``batch_fn``, on the CPU."""
         n, b = self.train_data.shape[0], min(self.config.batch_size, self.train_data.shape[0])
         if self.pos + b > n:
             self.perm = torch.randperm(n, generator=self.generator)
             self.pos = 0
         idx = self.perm[self.pos : self.pos + b]
         self.pos += b
-        x = self.batch_fn(self.train_data[idx], self.generator)
-        return x.to(self.device, self.flow.dtype)
+        return self.batch_fn(self.train_data[idx], self.generator)
 
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -366,26 +389,22 @@ class Trainer:
         """
         self._set_lr()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._loss(x)
-        value = float(loss.detach())
+        loss, value = self._objective(x)
         problem = None
         if not math.isfinite(value):
             problem = f"loss is {value}"
         else:
             loss.backward()
-            max_norm = self.config.clip_norm if self.config.clip_norm > 0 else math.inf
-            norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+            norm = self._clip_gradients()
             if not math.isfinite(norm):
                 problem = f"gradient norm is {norm}"
         if problem is not None:
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped += 1
             self.nonfinite_streak += 1
-            warnings.warn(
+            self._warn(
                 f"step {self.step}: {problem}; update skipped "
-                f"({self.nonfinite_streak} in a row, limit {self.config.max_nonfinite})",
-                RuntimeWarning,
-                stacklevel=2,
+                f"({self.nonfinite_streak} in a row, limit {self.config.max_nonfinite})"
             )
             if self.nonfinite_streak >= self.config.max_nonfinite:
                 raise NonFiniteTraining(
@@ -455,7 +474,7 @@ class Trainer:
         path = Path(path) if path is not None else self.checkpoint
         if path is None:
             raise ConfigError("no checkpoint path given")
-        tensors, meta = load_checkpoint(path)
+        tensors, meta = self._read_checkpoint(path)
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ConfigError(f"{path}: not a training checkpoint (format {meta.get('format')!r})")
         groups: dict[str, dict[str, Tensor]] = {}

@@ -32,8 +32,15 @@ from ..data.dataset import make_preprocess
 from ..errors import ConfigError, DataError
 from ..flow import Flow
 from ..transforms.base import Compose
-from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    atomic_write_text,
+    load_checkpoint,
+    parse_checkpoint,
+    read_checkpoint_bytes,
+    save_checkpoint,
+)
 from .config import RunConfig
+from .distributed import DistributedContext, DistributedTrainer, on_main, session
 from .engine import TrainConfig, Trainer
 
 __all__ = [
@@ -223,14 +230,38 @@ def train_run(
         force: overwrite the outputs of a previous run in ``out``.
         steps: on resume, a new total step budget (default: the saved one).
         plots: write loss.png and density.png / samples.png.
+
+    Started by torchrun (or inside an initialised process group) the run is data-parallel
+    (:mod:`.distributed`): every rank trains and returns the metrics, rank 0 writes the files.
     """
+    with session() as dist:
+        return _train(cfg, out, dist, resume, force, steps, plots, quiet)
+
+
+def _train(
+    cfg: RunConfig,
+    out: str | Path,
+    dist: DistributedContext | None,
+    resume: bool,
+    force: bool,
+    steps: int | None,
+    plots: bool,
+    quiet: bool,
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     out = Path(out)
+    if dist is not None:  # rank 0's directory wins: a default name chosen per rank may race
+        out = Path(dist.run_on_main(lambda: str(out).encode()).decode())
+        quiet = quiet or not dist.is_main
     ckpt = out / "checkpoint.safetensors"
     if resume:
-        if not ckpt.is_file():
-            raise ConfigError(f"nothing to resume: {ckpt} does not exist")
-        _, meta = load_checkpoint(ckpt)
+
+        def read() -> bytes:
+            if not ckpt.is_file():
+                raise ConfigError(f"nothing to resume: {ckpt} does not exist")
+            return read_checkpoint_bytes(ckpt)
+
+        _, meta = parse_checkpoint(read() if dist is None else dist.run_on_main(read), ckpt)
         saved = meta.get("meta", {}).get("run")
         if saved is None:
             raise ConfigError(f"{ckpt}: no run configuration inside")
@@ -239,11 +270,11 @@ def train_run(
             cfg.train.steps = int(steps)
             cfg.train.validate()
     else:
-        _prepare_out(out, force)
-    dataset = load_dataset(cfg.data, cfg.seed, **cfg.data_args)
+        on_main(dist, lambda: _prepare_out(out, force))
+    dataset = _load_main_first(cfg, dist)
     flow, event_shape = _seeded_build(cfg, dataset)
     if not resume:
-        atomic_write_text(out / "config.toml", cfg.to_toml())
+        on_main(dist, lambda: atomic_write_text(out / "config.toml", cfg.to_toml()))
     n_params = sum(p.numel() for p in flow.parameters() if p.requires_grad)
     _log(
         f"training {cfg.model} ({n_params:,} parameters) on {cfg.data}: "
@@ -252,7 +283,7 @@ def train_run(
         + (" (resumed)" if resume else ""),
         quiet,
     )
-    trainer = Trainer(
+    trainer = (Trainer if dist is None else DistributedTrainer)(
         flow,
         dataset.train,
         dataset.val,
@@ -285,12 +316,25 @@ def train_run(
     if dataset.discrete:
         metrics["bits_per_dim"] = bits_per_dim(test_nll, dataset.features)
         metrics["bits_per_dim_se"] = bits_per_dim(test_se, dataset.features)
-    _save_model(out / "model.safetensors", flow, cfg, dataset.meta(), event_shape, metrics)
-    if plots:
-        _plots(out, flow, dataset, result, cfg.seed)
-    metrics["wall_time_s"] = time.perf_counter() - t0
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+
+    def write_outputs() -> None:
+        _save_model(out / "model.safetensors", flow, cfg, dataset.meta(), event_shape, metrics)
+        if plots:
+            _plots(out, flow, dataset, result, cfg.seed)
+        metrics["wall_time_s"] = time.perf_counter() - t0
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+
+    on_main(dist, write_outputs)
+    metrics.setdefault("wall_time_s", time.perf_counter() - t0)  # ranks other than 0
     return metrics
+
+
+def _load_main_first(cfg: RunConfig, dist: DistributedContext | None) -> Dataset:
+    # rank 0 first: a data set fetched into a cache is downloaded once, and a bad file
+    # fails on every rank alike
+    loaded: list[Dataset] = []
+    on_main(dist, lambda: loaded.append(load_dataset(cfg.data, cfg.seed, **cfg.data_args)))
+    return loaded[0] if loaded else load_dataset(cfg.data, cfg.seed, **cfg.data_args)
 
 
 def _save_model(path, flow, cfg, data_meta, event_shape, metrics) -> None:
