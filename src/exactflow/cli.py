@@ -104,6 +104,7 @@ def _cmd_train(args) -> int:
             args.out,
             resume=True,
             steps=args.steps,
+            device=args.device,
             plots=not args.no_plots,
             quiet=args.quiet,
         )

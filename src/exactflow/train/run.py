@@ -217,6 +217,7 @@ def train_run(
     resume: bool = False,
     force: bool = False,
     steps: int | None = None,
+    device: str | None = None,
     plots: bool = True,
     quiet: bool = False,
 ) -> dict[str, Any]:
@@ -229,13 +230,14 @@ def train_run(
             schedule, EMA and RNG state.
         force: overwrite the outputs of a previous run in ``out``.
         steps: on resume, a new total step budget (default: the saved one).
+        device: on resume, the device to continue on (default: the saved one).
         plots: write loss.png and density.png / samples.png.
 
     Started by torchrun (or inside an initialised process group) the run is data-parallel
     (:mod:`.distributed`): every rank trains and returns the metrics, rank 0 writes the files.
     """
     with session() as dist:
-        return _train(cfg, out, dist, resume, force, steps, plots, quiet)
+        return _train(cfg, out, dist, resume, force, steps, device, plots, quiet)
 
 
 def _train(
@@ -245,6 +247,7 @@ def _train(
     resume: bool,
     force: bool,
     steps: int | None,
+    device: str | None,
     plots: bool,
     quiet: bool,
 ) -> dict[str, Any]:
@@ -268,7 +271,11 @@ def _train(
         cfg = RunConfig.from_dict(saved)
         if steps is not None:
             cfg.train.steps = int(steps)
-            cfg.train.validate()
+        if device is not None:
+            cfg.train.device = device
+        if quiet:
+            cfg.train.progress = False
+        cfg.train.validate()
     else:
         on_main(dist, lambda: _prepare_out(out, force))
     dataset = _load_main_first(cfg, dist)
