@@ -11,7 +11,10 @@ Matmul shapes per transform (D features, K bins):
 * NSF      ``D -> 128 -> 128 -> (3K - 1) D``   (autoregressive, linear tails)
 * RealNVP  ``D/2 -> 128 -> 128 -> D``
 
-Timings are interleaved (flow, floor, flow, floor, ...) and the median ratio is reported.
+Timings are interleaved (flow, floor, flow, floor, ...) and the median ratio is reported,
+next to a load-independent count: the number of ATen operator calls one training step dispatches
+(forward + backward + Adam), for the flow and for its floor. On a shared CPU the op count is
+the steadier signal of per-step Python/dispatch overhead.
 
     python benchmarks/overhead.py [--device cpu|cuda] [--dims 16 64] [--models maf nsf realnvp]
                                   [--libs exactflow zuko nflows normflows] [--rounds 7]
@@ -29,6 +32,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # the builders live next to this script
@@ -68,6 +72,25 @@ def _step_fn(module: nn.Module, loss_fn, device: torch.device):
     return step
 
 
+class _OpCounter(TorchDispatchMode):
+    """Counts ATen operator calls (autograd's backward ops included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn) -> int:
+    """ATen operator calls made by one ``fn()``."""
+    with _OpCounter() as counter:
+        fn()
+    return counter.calls
+
+
 def _seconds(fn, iters: int, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -91,6 +114,7 @@ def measure(lib: str, model: str, d: int, args, device: torch.device) -> dict:
     for fn in (flow_step, floor_step):  # warm-up
         fn()
         fn()
+    ops = (count_ops(flow_step), count_ops(floor_step))
     one = _seconds(flow_step, 1, device)
     iters = max(1, min(50, math.ceil(args.target / max(one, 1e-6))))
     flow_t, floor_t = [], []
@@ -102,6 +126,7 @@ def measure(lib: str, model: str, d: int, args, device: torch.device) -> dict:
         "flow_ms": 1e3 * statistics.median(flow_t),
         "floor_ms": 1e3 * statistics.median(floor_t),
         "ratio": statistics.median(ratios),
+        "ops": ops,
         "flow_params": flow.params(),
         "floor_params": sum(p.numel() for p in stack.parameters()),
     }
@@ -131,7 +156,19 @@ def main(argv: list[str] | None = None) -> None:
         f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds)"
     )
     print(
-        peers._table(["lib", "model", "D", "flow ms", "floor ms", "ratio", "params flow/floor"], [])
+        peers._table(
+            [
+                "lib",
+                "model",
+                "D",
+                "flow ms",
+                "floor ms",
+                "ratio",
+                "ops/step flow/floor",
+                "params flow/floor",
+            ],
+            [],
+        )
     )
     for lib in libs:
         for model in args.models:
@@ -143,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 print(
                     f"| {lib} | {model} | {d} | {r['flow_ms']:.2f} | {r['floor_ms']:.2f} | "
-                    f"{r['ratio']:.2f} | {r['flow_params']}/{r['floor_params']} |",
+                    f"{r['ratio']:.2f} | {r['ops'][0]}/{r['ops'][1]} | "
+                    f"{r['flow_params']}/{r['floor_params']} |",
                     flush=True,
                 )
 
