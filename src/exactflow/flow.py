@@ -12,11 +12,19 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, constraints
 
-from .distributions import BaseDistribution
-from .errors import ContextError, DomainError, DTypeError, ShapeError
+from .distributions import BaseDistribution, ConditionalGaussian, DiagGaussian, StandardNormal
+from .errors import ConfigError, ContextError, DomainError, DTypeError, ShapeError
 from .transforms.base import Transform
 
 __all__ = ["Flow", "FlowDistribution"]
+
+
+def _temperature(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def _shape_str(shape) -> str:
@@ -72,7 +80,9 @@ class Flow(nn.Module):
     def _as_input(self, x, name: str = "x") -> Tensor:
         if not isinstance(x, Tensor):
             if isinstance(x, (int, float, list, tuple, np.ndarray, np.generic)):
-                x = torch.as_tensor(np.asarray(x, dtype=np.float64)).to(device=self.device, dtype=self.dtype)
+                x = torch.as_tensor(np.asarray(x, dtype=np.float64)).to(
+                    device=self.device, dtype=self.dtype
+                )
             else:
                 raise DTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if not self.validate:
@@ -179,27 +189,54 @@ class Flow(nn.Module):
         full = shape + tuple(context.shape[:-1])
         return full, context.expand(*full, self.context_features)
 
-    def _base_sample(self, shape, context, generator) -> Tensor:
+    def _base_sample(self, shape, context, generator, temperature: float = 1.0) -> Tensor:
         if self.base.context_features > 0:
             # a conditional base expands over the context's batch itself
-            return self.base.sample((), context, generator)
-        return self.base.sample(shape, None, generator)
+            z = self.base.sample((), context, generator)
+        else:
+            z = self.base.sample(shape, None, generator)
+        if temperature == 1.0:
+            return z
+        return self._temper(z, context, temperature)
 
-    def rsample(self, n=1, context: Tensor | None = None, generator=None) -> Tensor:
-        """Differentiable samples, shape ``(n, *context_batch, *event_shape)``."""
+    def _temper(self, z: Tensor, context: Tensor | None, temperature: float) -> Tensor:
+        """Scale a Gaussian base sample's deviation from its mean by ``temperature``."""
+        if isinstance(self.base, StandardNormal):
+            return z * temperature
+        if isinstance(self.base, DiagGaussian):
+            return self.base.loc + (z - self.base.loc) * temperature
+        if isinstance(self.base, ConditionalGaussian):
+            loc, _ = self.base._params(context)
+            return loc + (z - loc) * temperature
+        raise ConfigError(
+            f"temperature != 1 needs a Gaussian base (StandardNormal, DiagGaussian, "
+            f"ConditionalGaussian), got {type(self.base).__name__}"
+        )
+
+    def rsample(
+        self, n=1, context: Tensor | None = None, generator=None, temperature: float = 1.0
+    ) -> Tensor:
+        """Differentiable samples, shape ``(n, *context_batch, *event_shape)``.
+
+        ``temperature`` T scales the base noise around its mean (``z = mu + T (z0 - mu)``,
+        Glow's reduced-temperature sampling); 1 is the model itself. Gaussian bases only.
+        """
+        temperature = _temperature(temperature)
         shape, context = self._sample_setup(n, context)
-        z = self._base_sample(shape, context, generator)
+        z = self._base_sample(shape, context, generator, temperature)
         x, _ = self.transform.inverse(z, context)
         return x
 
-    def sample(self, n=1, context: Tensor | None = None, generator=None) -> Tensor:
+    def sample(
+        self, n=1, context: Tensor | None = None, generator=None, temperature: float = 1.0
+    ) -> Tensor:
         """Samples without gradient, shape ``(n, *context_batch, *event_shape)``.
 
         ``n`` may be an int or a shape tuple; ``context`` of shape ``(*cb, C)`` gives ``n``
-        samples per context row.
+        samples per context row; ``temperature`` as in :meth:`rsample`.
         """
         with torch.no_grad():
-            return self.rsample(n, context, generator)
+            return self.rsample(n, context, generator, temperature)
 
     def sample_and_log_prob(
         self, n=1, context: Tensor | None = None, generator=None

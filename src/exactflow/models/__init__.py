@@ -13,6 +13,7 @@ from ..flow import Flow
 from .autoregressive import IAF, MAF, NSF
 from .continuous import FFJORD
 from .coupling import NICE, RealNVP
+from .image import Glow, RealNVPImage
 from .matching import CFM, OTCFM, RectifiedFlow
 from .simple import Planar, Radial
 
@@ -37,6 +38,20 @@ MODELS: dict[str, Callable[..., Flow]] = {
     "cfm": CFM,
     "otcfm": OTCFM,
     "rectified": RectifiedFlow,
+    "glow": Glow,  # image builders take shape=(C, H, W)
+    "realnvp-image": RealNVPImage,
 }
 
-__all__ = ["IAF", "MAF", "MODELS", "NICE", "NSF", "NSFCoupling", "Planar", "Radial", "RealNVP"]
+__all__ = [
+    "IAF",
+    "MAF",
+    "MODELS",
+    "NICE",
+    "NSF",
+    "Glow",
+    "NSFCoupling",
+    "Planar",
+    "Radial",
+    "RealNVP",
+    "RealNVPImage",
+]

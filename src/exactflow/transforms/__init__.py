@@ -17,6 +17,7 @@ from .elementwise import (
     resolve_map,
     soft_clamp,
 )
+from .image import ConvCoupling, FactorOut, InvConv1x1, LearnedPrior, Squeeze, Unsqueeze
 from .linear import Linear, LULinear, Permutation, RandomPermutation, Reverse
 from .normalization import ActNorm, BatchNormFlow
 from .planar import Planar, Radial
@@ -31,12 +32,16 @@ __all__ = [
     "Autoregressive",
     "BatchNormFlow",
     "Compose",
+    "ConvCoupling",
     "Coupling",
     "CubicSpline",
     "ElementwiseMap",
     "ElementwiseTransform",
+    "FactorOut",
+    "InvConv1x1",
     "Inverse",
     "LULinear",
+    "LearnedPrior",
     "Linear",
     "Logit",
     "Permutation",
@@ -46,8 +51,10 @@ __all__ = [
     "RationalQuadraticSpline",
     "Reverse",
     "Sigmoid",
+    "Squeeze",
     "Tanh",
     "Transform",
+    "Unsqueeze",
     "alternating_mask",
     "channel_mask",
     "checkerboard_mask",

@@ -35,6 +35,7 @@ from . import (
 from .autoregressive import Autoregressive
 from .base import Transform
 from .coupling import Coupling, alternating_mask, checkerboard_mask
+from .image import registry_cases as image_registry_cases
 from .normalization import ActNorm, BatchNormFlow
 
 VECTOR_SHAPES: tuple[tuple[int, ...], ...] = ((1,), (2,), (5,), (16,))
@@ -145,6 +146,8 @@ CASES: list[Case] = [
         ladj_tol=1e-6,
     ),
 ]
+
+CASES += image_registry_cases(Case)  # image transforms (transforms/image.py)
 
 
 def _z(shape):

@@ -1,0 +1,192 @@
+"""Image flow builders: Glow (Kingma & Dhariwal, 2018) and multi-scale RealNVP (Dinh et al.,
+2017) on ``(C, H, W)`` events.
+
+Both are multi-scale: at every level but the last, half of the channels leave the flow
+through a :class:`~exactflow.transforms.image.FactorOut` (which keeps the event shape, see
+:mod:`exactflow.transforms.image`), so the base is a
+:class:`~exactflow.distributions.StandardNormal` over the full ``(C, H, W)`` and
+``flow.sample(n, temperature=T)`` samples every level at temperature ``T``.
+
+The models work in logit space; :func:`exactflow.dequantization.pixel_flow` prepends
+dequantisation and the logit pre-processing so that ``log_prob`` and bits/dim are in pixel
+space.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..distributions import StandardNormal
+from ..errors import ConfigError
+from ..flow import Flow
+from ..transforms import ActNorm, Compose, Transform
+from ..transforms.elementwise import ElementwiseMap
+from ..transforms.image import (
+    ConvCoupling,
+    FactorOut,
+    InvConv1x1,
+    LearnedPrior,
+    Squeeze,
+    Unsqueeze,
+    image_shape,
+)
+
+__all__ = ["Glow", "RealNVPImage"]
+
+
+def _count(value, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_shape(shape, squeezes: int, model: str) -> tuple[int, int, int]:
+    c, h, w = image_shape(shape)
+    f = 2**squeezes
+    if h % f or w % f:
+        raise ConfigError(
+            f"{model} with these levels squeezes the image {squeezes} time(s): height and "
+            f"width must be divisible by {f}, got shape {(c, h, w)}; use fewer levels"
+        )
+    return c, h, w
+
+
+def _keep_shape(shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Shape of the part of ``shape`` that stays in the flow after a :class:`FactorOut`."""
+    c, h, w = shape
+    return (c - c // 2, h, w)
+
+
+def Glow(
+    shape: Sequence[int] = (1, 28, 28),
+    levels: int = 2,
+    depth: int = 8,
+    hidden_channels: int = 64,
+    context: int = 0,
+    lu: bool = True,
+    coupling: str | ElementwiseMap = "affine",
+    log_scale_bound: float = 3.0,
+    split_prior: str = "gaussian",
+    learn_top: bool = True,
+) -> Flow:
+    """Glow: ``levels`` x (squeeze, ``depth`` x [ActNorm, 1x1 conv, coupling], split).
+
+    Each step is per-channel :class:`~exactflow.transforms.ActNorm`, an invertible 1x1
+    convolution (LU-parameterised by default) and an affine coupling over a channel split
+    with a zero-initialised conv net. Every level but the last factors out half of the
+    channels with a learned Gaussian prior conditioned on the other half; the last level
+    ends with a learned (class-conditional with ``context``) top prior.
+
+    Args:
+        shape: image shape ``(C, H, W)``; ``H`` and ``W`` divisible by ``2**levels``.
+        levels: number of levels L (one squeeze each).
+        depth: steps per level K.
+        hidden_channels: width of every coupling net.
+        context: context size, e.g. the number of classes for one-hot class conditioning
+            (0 = unconditional). It feeds every coupling net and every prior.
+        lu: LU-parameterised 1x1 convolutions (else dense with ``slogdet``).
+        coupling: the coupling's elementwise map (name or instance; ``"affine"``,
+            ``"additive"``, spline names ...).
+        log_scale_bound: soft bound of the affine couplings' log-scale.
+        split_prior: ``"gaussian"`` (learned, Glow) or ``"standard"`` (N(0, I)).
+        learn_top: learn the top-level prior (always on with a context).
+
+    Returns a :class:`~exactflow.Flow` with a ``StandardNormal(shape)`` base.
+    """
+    levels = _count(levels, "levels")
+    depth = _count(depth, "depth")
+    hidden_channels = _count(hidden_channels, "hidden_channels")
+    context = _count(context, "context", 0)
+    shape = _check_shape(shape, levels, "Glow")
+    kwargs = {"log_scale_bound": log_scale_bound} if coupling == "affine" else {}
+
+    def level(s_in: tuple[int, int, int], i: int) -> Transform:
+        sq = Squeeze(s_in)
+        s = sq.out_shape
+        layers: list[Transform] = [sq]
+        for _ in range(depth):
+            layers += [
+                ActNorm(s),
+                InvConv1x1(s[0], lu=lu),
+                ConvCoupling(s, "channel", False, hidden_channels, context, coupling, kwargs),
+            ]
+        if i == levels - 1:
+            if learn_top or context:
+                layers.append(LearnedPrior(s, context))
+        else:
+            inner = level(_keep_shape(s), i + 1)
+            layers.append(FactorOut(s, inner, split_prior, context))
+        layers.append(Unsqueeze(s))
+        return Compose(layers)
+
+    return Flow(level(shape, 0), StandardNormal(shape))
+
+
+def RealNVPImage(
+    shape: Sequence[int] = (1, 28, 28),
+    levels: int = 2,
+    couplings: int = 3,
+    hidden_channels: int = 64,
+    context: int = 0,
+    coupling: str | ElementwiseMap = "affine",
+    log_scale_bound: float = 3.0,
+    prior: str = "standard",
+    actnorm: bool = True,
+) -> Flow:
+    """Multi-scale RealNVP: per level, checkerboard couplings, squeeze, channel couplings,
+    factor out half; the last level is ``couplings + 1`` checkerboard couplings.
+
+    Masks alternate (``flip``) from one coupling to the next. The paper's batch norm is
+    replaced by per-channel :class:`~exactflow.transforms.ActNorm` before each coupling
+    (``actnorm=True``), which needs no running statistics and samples in train mode too.
+
+    Args:
+        shape: image shape ``(C, H, W)``; ``H`` and ``W`` divisible by ``2**(levels - 1)``.
+        levels: number of scales (``levels - 1`` squeezes and factor-outs).
+        couplings: couplings per mask type and level.
+        hidden_channels: width of every coupling net.
+        context: context size (class conditioning; 0 = unconditional).
+        coupling: the couplings' elementwise map.
+        log_scale_bound: soft bound of the affine log-scale.
+        prior: factored-out prior, ``"standard"`` (the paper's N(0, I)) or ``"gaussian"``
+            (learned, conditional, as in Glow).
+        actnorm: insert ActNorm before every coupling.
+
+    Returns a :class:`~exactflow.Flow` with a ``StandardNormal(shape)`` base.
+    """
+    levels = _count(levels, "levels")
+    couplings = _count(couplings, "couplings")
+    hidden_channels = _count(hidden_channels, "hidden_channels")
+    context = _count(context, "context", 0)
+    shape = _check_shape(shape, levels - 1, "RealNVPImage")
+    kwargs = {"log_scale_bound": log_scale_bound} if coupling == "affine" else {}
+
+    def stack(s: tuple[int, int, int], mask: str, n: int) -> list[Transform]:
+        out: list[Transform] = []
+        for j in range(n):
+            if actnorm:
+                out.append(ActNorm(s))
+            out.append(
+                ConvCoupling(s, mask, j % 2 == 1, hidden_channels, context, coupling, kwargs)
+            )
+        return out
+
+    def level(s: tuple[int, int, int], i: int) -> Transform:
+        if i == levels - 1:
+            return Compose(stack(s, "checkerboard", couplings + 1))
+        sq = Squeeze(s)
+        t = sq.out_shape
+        inner = level(_keep_shape(t), i + 1)
+        return Compose(
+            [
+                *stack(s, "checkerboard", couplings),
+                sq,
+                *stack(t, "channel", couplings),
+                FactorOut(t, inner, prior, context if prior == "gaussian" else 0),
+                Unsqueeze(t),
+            ]
+        )
+
+    return Flow(level(shape, 0), StandardNormal(shape))
