@@ -5,7 +5,7 @@ flow = ef.Flow(ef.transforms.Affine(2.0, 3.0), ef.distributions.StandardNormal((
 flow.log_prob(torch.tensor(5.0))   # = Normal(2, 3).log_prob(5.0)
 """
 
-from . import check, distributions, errors, models, nets, transforms
+from . import check, distributions, errors, matching, models, nets, transforms
 from .distributions import StandardNormal
 from .flow import Flow
 
@@ -18,6 +18,7 @@ __all__ = [
     "check",
     "distributions",
     "errors",
+    "matching",
     "models",
     "nets",
     "transforms",
