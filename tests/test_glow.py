@@ -210,3 +210,25 @@ def test_short_training_improves_bits_per_dim(dequantization):
     assert math.isfinite(after)
     assert after < before - 0.5, (before, after)
     assert after < 3.1, after
+
+
+def test_dequantization_choice_reaches_the_training_runner():
+    """``model_args`` select the dequantiser: the runner's flow puts it before the logit."""
+    from exactflow.data import LogitPreprocess, load_dataset
+    from exactflow.dequantization import VariationalDequantization
+    from exactflow.train.run import build_flow
+
+    dataset = load_dataset("digits_image", seed=0)
+    args = {"levels": 1, "depth": 1, "hidden_channels": 4}
+    for kind, first in (("uniform", LogitPreprocess), ("variational", VariationalDequantization)):
+        flow, event_shape = build_flow(
+            "glow", {**args, "dequantization": kind}, dataset.meta(), dataset
+        )
+        assert event_shape == (1, 8, 8) and isinstance(flow.transform[0], first)
+        y = dataset.train[:4] + 0.5
+        assert torch.isfinite(flow.log_prob(y)).all()
+    with pytest.raises(ConfigError, match="unknown dequantization"):
+        Glow((1, 8, 8), dequantization="gaussian")
+    model = Glow((1, 8, 8), levels=1, depth=1, dequantization="variational")
+    with pytest.raises(ConfigError, match="discrete pixel data"):
+        model.with_preprocessing(LogitPreprocess(17, event_dim=3).inv)

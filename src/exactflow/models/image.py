@@ -9,14 +9,17 @@ through a :class:`~exactflow.transforms.image.FactorOut` (which keeps the event 
 
 The models work in logit space; :func:`exactflow.dequantization.pixel_flow` prepends
 dequantisation and the logit pre-processing so that ``log_prob`` and bits/dim are in pixel
-space.
+space. Built with ``dequantization="variational"`` they are :class:`ImageFlow` objects whose
+``with_preprocessing`` hook (used by ``exactflow train``) puts a variational dequantiser in
+front of the data set's logit pre-processing, so the CLI selects it through ``model_args``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..distributions import StandardNormal
+from ..dequantization import DEQUANTIZATIONS, dequantizer
+from ..distributions import BaseDistribution, StandardNormal
 from ..errors import ConfigError
 from ..flow import Flow
 from ..transforms import ActNorm, Compose, Transform
@@ -31,7 +34,51 @@ from ..transforms.image import (
     image_shape,
 )
 
-__all__ = ["Glow", "RealNVPImage"]
+__all__ = ["Glow", "ImageFlow", "RealNVPImage"]
+
+
+class ImageFlow(Flow):
+    """A :class:`~exactflow.Flow` on images that remembers its dequantisation choice.
+
+    :meth:`with_preprocessing` (called by the training runner with the data set's
+    pre-processing) returns ``Flow([dequantiser, pre-processing, model])``; the dequantiser
+    is the identity for ``"uniform"`` and a
+    :class:`~exactflow.dequantization.VariationalDequantization` for ``"variational"``,
+    which needs the pre-processing's ``levels`` (discrete pixel data).
+    """
+
+    def __init__(
+        self,
+        transform: Transform,
+        base: BaseDistribution,
+        dequantization: str = "uniform",
+        dequantization_args: dict | None = None,
+        validate: bool = True,
+    ):
+        super().__init__(transform, base, validate)
+        if dequantization not in DEQUANTIZATIONS:
+            raise ConfigError(
+                f"unknown dequantization {dequantization!r}; valid: {', '.join(DEQUANTIZATIONS)}"
+            )
+        if dequantization_args is not None and not isinstance(dequantization_args, dict):
+            raise TypeError(
+                f"dequantization_args must be a dict, got {type(dequantization_args).__name__}"
+            )
+        self.dequantization = dequantization
+        self.dequantization_args = dict(dequantization_args or {})
+
+    def with_preprocessing(self, transform: Transform) -> Flow:
+        """``Flow(Compose([dequantiser, transform, self.transform]), self.base)``."""
+        if self.dequantization == "uniform":
+            return Flow(Compose([transform, self.transform]), self.base, self.validate)
+        levels = getattr(transform, "levels", None)
+        if not isinstance(levels, int):
+            raise ConfigError(
+                "variational dequantization needs discrete pixel data (a pre-processing with "
+                f"`levels`), got {type(transform).__name__}"
+            )
+        deq = dequantizer(self.dequantization, self.event_shape, levels, **self.dequantization_args)
+        return Flow(Compose([deq, transform, self.transform]), self.base, self.validate)
 
 
 def _count(value, name: str, minimum: int = 1) -> int:
@@ -70,7 +117,9 @@ def Glow(
     log_scale_bound: float = 3.0,
     split_prior: str = "gaussian",
     learn_top: bool = True,
-) -> Flow:
+    dequantization: str = "uniform",
+    dequantization_args: dict | None = None,
+) -> ImageFlow:
     """Glow: ``levels`` x (squeeze, ``depth`` x [ActNorm, 1x1 conv, coupling], split).
 
     Each step is per-channel :class:`~exactflow.transforms.ActNorm`, an invertible 1x1
@@ -92,8 +141,12 @@ def Glow(
         log_scale_bound: soft bound of the affine couplings' log-scale.
         split_prior: ``"gaussian"`` (learned, Glow) or ``"standard"`` (N(0, I)).
         learn_top: learn the top-level prior (always on with a context).
+        dequantization: ``"uniform"`` or ``"variational"``, applied when the model is put
+            behind pixel pre-processing (:meth:`ImageFlow.with_preprocessing`).
+        dequantization_args: options of the variational dequantiser (``depth``,
+            ``hidden_channels``, ``bins``).
 
-    Returns a :class:`~exactflow.Flow` with a ``StandardNormal(shape)`` base.
+    Returns an :class:`ImageFlow` with a ``StandardNormal(shape)`` base.
     """
     levels = _count(levels, "levels")
     depth = _count(depth, "depth")
@@ -121,7 +174,7 @@ def Glow(
         layers.append(Unsqueeze(s))
         return Compose(layers)
 
-    return Flow(level(shape, 0), StandardNormal(shape))
+    return ImageFlow(level(shape, 0), StandardNormal(shape), dequantization, dequantization_args)
 
 
 def RealNVPImage(
@@ -134,7 +187,9 @@ def RealNVPImage(
     log_scale_bound: float = 3.0,
     prior: str = "standard",
     actnorm: bool = True,
-) -> Flow:
+    dequantization: str = "uniform",
+    dequantization_args: dict | None = None,
+) -> ImageFlow:
     """Multi-scale RealNVP: per level, checkerboard couplings, squeeze, channel couplings,
     factor out half; the last level is ``couplings + 1`` checkerboard couplings.
 
@@ -153,8 +208,9 @@ def RealNVPImage(
         prior: factored-out prior, ``"standard"`` (the paper's N(0, I)) or ``"gaussian"``
             (learned, conditional, as in Glow).
         actnorm: insert ActNorm before every coupling.
+        dequantization, dequantization_args: as in :func:`Glow`.
 
-    Returns a :class:`~exactflow.Flow` with a ``StandardNormal(shape)`` base.
+    Returns an :class:`ImageFlow` with a ``StandardNormal(shape)`` base.
     """
     levels = _count(levels, "levels")
     couplings = _count(couplings, "couplings")
@@ -189,4 +245,4 @@ def RealNVPImage(
             ]
         )
 
-    return Flow(level(shape, 0), StandardNormal(shape))
+    return ImageFlow(level(shape, 0), StandardNormal(shape), dequantization, dequantization_args)
