@@ -24,6 +24,11 @@ settings.register_profile(
 )
 
 
+# Tests run many tiny ops (ODE steps, D-pass inverses) where intra-op threads only add
+# overhead, and CI shares 2 cores; this is a test-session setting, never a library one.
+torch.set_num_threads(1)
+
+
 def pytest_addoption(parser):
     parser.addoption("--long", action="store_true", help="run the long property-sweep profile")
 
