@@ -64,7 +64,8 @@ def test_bpd(flow: Flow, test: torch.Tensor, dims: int, seed: int = 123) -> floa
     total = 0.0
     for i in range(0, test.shape[0], 500):
         x = test[i : i + 500]
-        total += float(-flow.log_prob(x + torch.rand(x.shape, generator=g)).sum())
+        noise = torch.rand(x.shape, generator=g).to(x.device)
+        total += float(-flow.log_prob(x + noise).sum())
     flow.train()
     return float(bits_per_dim(total / test.shape[0], dims))
 
@@ -75,13 +76,15 @@ def run(args, data: str, model: str, dequantization: str) -> dict:
     vector = model == "realnvp-vector"
     if vector:
         train, test = train.reshape(train.shape[0], -1), test.reshape(test.shape[0], -1)
-    flow = build(model, data, shape, levels, dequantization)
+    device = torch.device(args.device)
+    flow = build(model, data, shape, levels, dequantization).to(device)
     flow.validate = False
+    train, test = train.to(device), test.to(device)
     dims = math.prod(shape)
     g = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():  # ActNorm data-dependent initialisation on one large batch
         x0 = train[:512]
-        flow.log_prob(x0 + torch.rand(x0.shape, generator=g))
+        flow.log_prob(x0 + torch.rand(x0.shape, generator=g).to(device))
     opt = torch.optim.Adam(flow.parameters(), lr=args.lr)
     budget = 60.0 * args.minutes
     step, seen, train_time, train_cpu = 0, 0, 0.0, 0.0
@@ -90,8 +93,8 @@ def run(args, data: str, model: str, dequantization: str) -> dict:
         t0, c0 = time.perf_counter(), time.process_time()
         for group in opt.param_groups:  # linear warm-up
             group["lr"] = args.lr * min(1.0, (step + 1) / 200)
-        idx = torch.randint(0, train.shape[0], (args.batch,), generator=g)
-        x = train[idx] + torch.rand((args.batch, *train.shape[1:]), generator=g)
+        idx = torch.randint(0, train.shape[0], (args.batch,), generator=g).to(device)
+        x = train[idx] + torch.rand((args.batch, *train.shape[1:]), generator=g).to(device)
         loss = -flow.log_prob(x).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -137,7 +140,8 @@ def save_samples(flow: Flow, levels: int, shape, path: Path, seed: int) -> None:
     import matplotlib.pyplot as plt
 
     flow.eval()
-    y = flow.sample(64, generator=torch.Generator().manual_seed(seed), temperature=0.7)
+    gen = torch.Generator(device=flow.device).manual_seed(seed)
+    y = flow.sample(64, generator=gen, temperature=0.7).cpu()
     images = (y.clamp(0, levels - 1e-3) / levels).reshape(8, 8, shape[1], shape[2])
     grid = images.permute(0, 2, 1, 3).reshape(8 * shape[1], 8 * shape[2])
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,6 +171,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the budget is then host CPU time)")
     p.add_argument("--samples", default="", help="save a T=0.7 sample grid (PNG)")
     p.add_argument("--json", default="", help="append results to this JSON-lines file")
     args = p.parse_args()
