@@ -132,6 +132,30 @@ CASES: list[Case] = [
     Case("iaf", lambda s, c: Inverse(Autoregressive("affine", s[0], (16,), c)), context=True),
     Case("actnorm", lambda s, c: ActNorm(s), shapes=(*VECTOR_SHAPES, (2, 3, 3))),
     Case("batchnorm", lambda s, c: BatchNormFlow(s), shapes=(*VECTOR_SHAPES, (2, 3, 3))),
+    Case(
+        "coupling-rq-spline",
+        lambda s, c: Coupling(
+            "rq-spline", alternating_mask(s[0]), (16,), c, map_kwargs={"bins": 4, "bound": 2.0}
+        ),
+        context=True,
+        shapes=((2,), (5,), (16,)),
+    ),
+    Case(
+        "coupling-cubic-spline",
+        lambda s, c: Coupling(
+            "cubic-spline", alternating_mask(s[0]), (16,), c, map_kwargs={"bins": 4, "bound": 2.0}
+        ),
+        context=True,
+        shapes=((2,), (5,), (16,)),
+    ),
+    Case(
+        "autoregressive-rq-spline",
+        lambda s, c: Autoregressive(
+            "rq-spline", s[0], (16,), c, map_kwargs={"bins": 4, "bound": 2.0}
+        ),
+        context=True,
+        shapes=((1,), (2,), (5,)),  # D=16 is covered by the affine case; 16 passes are slow
+    ),
     # CNF (issue 5): round trip and log-det are limited by the ODE discretisation, not by
     # float64. Adaptive dopri5 at 1e-9 keeps both <= 1e-7 (measured) for every parameter scale
     # up to 1 (the property sweep's); fixed rk4 would need ~50 steps there. t1=0.5 halves the cost
