@@ -71,14 +71,14 @@ from exactflow.data import (  # noqa: E402
     read_table,
     standardization_stats,
 )
-from exactflow.distributions import BaseDistribution  # noqa: E402
+from exactflow.distributions import BaseDistribution, StandardNormal  # noqa: E402
 from exactflow.errors import DataError  # noqa: E402
 from exactflow.flow import Flow  # noqa: E402
 from exactflow.transforms import Compose  # noqa: E402
 
 
 def test_tabular_standardised_with_training_statistics_only():
-    d = load_dataset("breast_cancer", seed=0)
+    d = load_dataset("breast_cancer", seed=0, preprocessing="standardize")
     assert d.train.shape[1] == 30 and d.levels is None
     total = d.train.shape[0] + d.val.shape[0] + d.test.shape[0]
     assert total == 569
@@ -91,6 +91,35 @@ def test_tabular_standardised_with_training_statistics_only():
     # statistics ignore the test rows: corrupting them changes nothing
     mean, std = standardization_stats(d.train)
     assert torch.equal(mean, d.mean) and torch.equal(std, d.std)
+
+
+def test_whitening_plus_identity_flow_is_the_gaussian_fit():
+    """Default pre-processing of continuous tables: an identity flow on whitened data is
+    exactly the maximum-likelihood full-covariance Gaussian of the training split."""
+    d = load_dataset("breast_cancer", seed=1)
+    assert d.preprocessing == "whiten"
+    pre = d.preprocess().double()
+    z, _ = pre(d.train.double())
+    assert torch.allclose(z.T @ z / z.shape[0], torch.eye(30, dtype=torch.float64), atol=1e-3)
+    flow = Flow(pre, StandardNormal((30,))).double()
+    x = d.train.double()
+    gauss = torch.distributions.MultivariateNormal(x.mean(0), torch.cov(x.T, correction=0))
+    test = d.test.double()
+    assert torch.allclose(flow.log_prob(test), gauss.log_prob(test), rtol=1e-4, atol=1e-3)
+    report = check_transform(pre, test[:8])
+    assert report.passed
+
+
+def test_linearly_dependent_columns(tmp_path):
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(200, 2))
+    p = tmp_path / "dep.npy"
+    np.save(p, np.column_stack([a, a[:, 0] - 2 * a[:, 1]]))
+    with pytest.warns(RuntimeWarning, match="linearly dependent.*standardising instead"):
+        d = file_dataset(p)
+    assert d.preprocessing == "standardize"
+    with pytest.raises(DataError, match="linearly dependent"):
+        file_dataset(p, preprocessing="whiten")
 
 
 def test_digits_tabular_and_image_views():

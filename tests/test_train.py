@@ -166,6 +166,7 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path):
 
 def test_best_weights_and_early_stopping():
     # train data at 0, validation at +10: training drags the shift away from the best value
+    # it starts at
     train = torch.randn(256, 2, generator=torch.Generator().manual_seed(0))
     val = train + 10.0
     flow = Flow(Affine(10.0 + torch.zeros(2), torch.ones(2), learnable=True), StandardNormal((2,)))
@@ -179,7 +180,9 @@ def test_best_weights_and_early_stopping():
 
     t._validate = spy
     r = t.fit()
-    assert r.stopped_early and r.best_step == 1 and r.steps == 3
+    # the initial model (validated at step 0) is the best: two worse validations stop the run
+    assert r.stopped_early and r.best_step == 0 and r.steps == 2
+    assert [v[0] for v in r.val_history] == [0, 1, 2]
     for k, v in snapshots[0].items():
         assert torch.equal(params(flow)[k], v)
 

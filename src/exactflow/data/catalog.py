@@ -31,7 +31,7 @@ def load_dataset(spec: str | Path, seed: int = 0, **options) -> Dataset:
     """Load a data set by name (see :func:`dataset_names`) or from a ``.npy``/``.csv`` path.
 
     ``options`` go to the loader (e.g. ``n_train`` for toys, ``val``/``test`` fractions,
-    ``standardize`` for tables). Unknown names raise :class:`ConfigError` listing the valid
+    ``preprocessing`` for tables and files). Unknown names raise :class:`ConfigError` listing the valid
     ones; bad files raise :class:`~exactflow.errors.DataError`.
     """
     name = str(spec)

@@ -26,11 +26,17 @@ from torch import Tensor
 from ..errors import ConfigError, DataError
 from ..transforms.base import Compose, Transform
 from ..transforms.elementwise import Affine
-from .preprocessing import LogitPreprocess, dequantize
+from .preprocessing import LogitPreprocess, Whiten, dequantize
 
-__all__ = ["Dataset", "make_preprocess", "standardization_stats"]
+__all__ = [
+    "Dataset",
+    "continuous_preprocessing",
+    "make_preprocess",
+    "standardization_stats",
+    "whitening_stats",
+]
 
-PREPROCESSING = ("none", "standardize", "logit")
+PREPROCESSING = ("none", "standardize", "whiten", "logit")
 
 
 @dataclass
@@ -41,12 +47,13 @@ class Dataset:
         name: data set name or file path.
         train, val, test: ``(N, *shape)`` float32 tensors (integer-valued for discrete data).
         shape: event shape of one sample, ``(D,)`` or ``(C, H, W)``.
-        preprocessing: ``"none"``, ``"standardize"`` or ``"logit"``.
+        preprocessing: ``"none"``, ``"standardize"``, ``"whiten"`` or ``"logit"``.
         levels: number of discrete levels K for discrete data (dequantised per batch, and
             bits/dim are reported), ``None`` for continuous data.
         alpha: logit boundary margin (``"logit"`` only).
-        mean, std: training statistics (``"standardize"`` only), each of shape ``shape``,
-            computed on the dequantised training data for discrete data.
+        mean, std: training statistics (``"standardize"``/``"whiten"``), each of shape
+            ``shape``, computed on the dequantised training data for discrete data.
+        scale_tril: Cholesky factor of the training covariance (``"whiten"`` only).
         image_shape: ``(C, H, W)`` when samples can be shown as images, else ``None``.
     """
 
@@ -61,6 +68,7 @@ class Dataset:
     mean: Tensor | None = None
     std: Tensor | None = None
     image_shape: tuple[int, ...] | None = None
+    scale_tril: Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -70,6 +78,10 @@ class Dataset:
             )
         if self.preprocessing == "standardize" and (self.mean is None or self.std is None):
             self.mean, self.std = standardization_stats(self.train, self.levels)
+        if self.preprocessing == "whiten" and self.scale_tril is None:
+            if len(self.shape) != 1:
+                raise ConfigError(f"whitening needs vector data, got shape {self.shape}")
+            self.mean, self.scale_tril = whitening_stats(self.train, self.levels)
         if self.preprocessing == "logit" and self.levels is None:
             raise ConfigError("logit pre-processing needs discrete data with `levels`")
 
@@ -100,6 +112,7 @@ class Dataset:
             alpha=self.alpha,
             mean=self.mean,
             std=self.std,
+            scale_tril=self.scale_tril,
         )
 
     def meta(self) -> dict[str, Any]:
@@ -147,6 +160,48 @@ def standardization_stats(train: Tensor, levels: int | None = None) -> tuple[Ten
     return mean.float(), std.float()
 
 
+def continuous_preprocessing(train: Tensor) -> str:
+    """The default pre-processing of continuous vector data: ``"whiten"``, or
+    ``"standardize"`` (with a warning) when features are linearly dependent."""
+    try:
+        whitening_stats(train)
+    except DataError as err:
+        if "linearly dependent" not in str(err):
+            raise
+        import warnings
+
+        warnings.warn(f"{err}; standardising instead", RuntimeWarning, stacklevel=3)
+        return "standardize"
+    return "whiten"
+
+
+def whitening_stats(train: Tensor, levels: int | None = None) -> tuple[Tensor, Tensor]:
+    """Training mean ``(D,)`` and Cholesky factor ``(D, D)`` of the training covariance.
+
+    The maximum-likelihood covariance is used, with the dequantisation variance 1/12 added on
+    the diagonal for discrete data. Raises :class:`DataError` for constant or linearly
+    dependent features (no density exists on such data).
+    """
+    standardization_stats(train, levels)  # the constant-column check with its message
+    x = train.double().reshape(train.shape[0], -1)
+    mean = x.mean(0)
+    xc = x - mean
+    cov = xc.T @ xc / x.shape[0]
+    if levels is not None:
+        mean = mean + 0.5
+        cov = cov + torch.eye(cov.shape[0], dtype=cov.dtype) / 12.0
+    # scale-free check: Cholesky of the correlation matrix
+    d = cov.diagonal().sqrt()
+    corr = cov / d[:, None] / d[None, :]
+    L_corr, info = torch.linalg.cholesky_ex(corr)
+    if int(info) != 0 or bool((L_corr.diagonal() < 1e-6).any()):
+        raise DataError(
+            f"the {x.shape[1]} features are (nearly) linearly dependent on the training split; "
+            'drop redundant columns or use preprocessing = "standardize"'
+        )
+    return mean.float(), (d[:, None] * L_corr).float()
+
+
 def make_preprocess(
     preprocessing: str,
     event_shape: tuple[int, ...],
@@ -154,11 +209,13 @@ def make_preprocess(
     alpha: float = 0.05,
     mean: Tensor | None = None,
     std: Tensor | None = None,
+    scale_tril: Tensor | None = None,
 ) -> Transform:
     """The pre-processing transform for a model with ``event_shape``.
 
-    ``"standardize"`` without ``mean``/``std`` builds placeholders (0 and 1) for a saved
-    state dict to overwrite; ``"logit"`` needs ``levels``; ``"none"`` is an empty Compose.
+    ``"standardize"``/``"whiten"`` without statistics build placeholders (0 and 1 / I) for a
+    saved state dict to overwrite; ``"logit"`` needs ``levels``; ``"none"`` is an empty
+    Compose.
     """
     event_shape = tuple(int(s) for s in event_shape)
     event_dim = len(event_shape)
@@ -170,6 +227,13 @@ def make_preprocess(
         mean = torch.zeros(event_shape) if mean is None else mean.reshape(event_shape)
         std = torch.ones(event_shape) if std is None else std.reshape(event_shape)
         return Affine(mean, std, event_dim=event_dim)
+    if preprocessing == "whiten":
+        if event_dim != 1:
+            raise ConfigError(f"whitening needs a vector model, got event shape {event_shape}")
+        d = event_shape[0]
+        mean = torch.zeros(d) if mean is None else mean.reshape(d)
+        scale_tril = torch.eye(d) if scale_tril is None else scale_tril
+        return Whiten(mean, scale_tril)
     if preprocessing == "none":
         return Compose([])
     raise ConfigError(f"preprocessing must be one of {PREPROCESSING}, got {preprocessing!r}")

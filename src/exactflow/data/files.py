@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .dataset import Dataset
+from .dataset import Dataset, continuous_preprocessing
 from .splits import split
 
 __all__ = ["file_dataset", "read_table"]
@@ -117,13 +117,16 @@ def file_dataset(
     seed: int = 0,
     val: float = 0.15,
     test: float = 0.2,
-    standardize: bool = True,
+    preprocessing: str | None = None,
     features: int | None = None,
 ) -> Dataset:
     """A user file as a continuous :class:`Dataset`, split with ``seed``.
 
     Args:
         path: ``.npy`` or ``.csv`` file of shape ``(N, D)``.
+        preprocessing: ``"whiten"`` (default; ``"standardize"`` with a warning when columns
+            are linearly dependent), ``"standardize"`` or ``"none"``; statistics come from
+            the training split only.
         features: if given, the required number of columns D (e.g. a checkpoint's).
     """
     table = read_table(path)
@@ -133,11 +136,13 @@ def file_dataset(
     if not math.isfinite(float(data.abs().max())):
         raise DataError(f"{path}: values overflow float32")
     parts = split(data, val, test, generator=torch.Generator().manual_seed(int(seed)))
+    if preprocessing is None:
+        preprocessing = continuous_preprocessing(parts.train)
     return Dataset(
         name=str(path),
         train=parts.train,
         val=parts.val,
         test=parts.test,
         shape=(data.shape[1],),
-        preprocessing="standardize" if standardize else "none",
+        preprocessing=preprocessing,
     )

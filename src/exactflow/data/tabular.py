@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from .dataset import Dataset
+from .dataset import Dataset, continuous_preprocessing
 from .splits import split
 
 __all__ = ["TABULAR", "tabular_dataset"]
@@ -55,20 +55,22 @@ def tabular_dataset(
         name: one of :data:`TABULAR`.
         seed: seeds the shuffle into train/val/test.
         val, test: split fractions.
-        preprocessing: ``"standardize"`` (training statistics; the default for continuous
-            tables), ``"logit"`` (discrete data only; the default for digits, where it gives
-            better bits/dim than standardising) or ``"none"``.
+        preprocessing: ``"whiten"`` (training mean and covariance; the default for
+            continuous tables, so an identity-initialised flow starts at the full-covariance
+            Gaussian fit), ``"standardize"`` (per-feature training mean and std), ``"logit"``
+            (discrete data only; the default for digits, where it gives better bits/dim than
+            standardising) or ``"none"``.
         alpha: logit boundary margin.
     """
     if name not in TABULAR:
         raise ConfigError(f"unknown tabular dataset {name!r}; valid: {', '.join(TABULAR)}")
     loader, levels, image_shape = TABULAR[name]
-    if preprocessing is None:
-        preprocessing = "logit" if levels is not None else "standardize"
     if preprocessing == "logit" and levels is None:
         raise ConfigError(f"logit pre-processing needs discrete data; {name!r} is continuous")
     data = torch.as_tensor(np.asarray(loader(), dtype=np.float32))
     parts = split(data, val, test, generator=torch.Generator().manual_seed(int(seed)))
+    if preprocessing is None:
+        preprocessing = "logit" if levels is not None else continuous_preprocessing(parts.train)
     return Dataset(
         name=name,
         train=parts.train,

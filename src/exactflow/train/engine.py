@@ -522,6 +522,10 @@ class Trainer:
         smooth = math.nan
         try:
             self.flow.train()
+            if self.step == 0 and not self.val_history:
+                # the initial model is a candidate too: flows start at the identity, which on
+                # whitened data is the Gaussian fit, and training must not end up worse
+                self._validate()
             while self.step < c.steps and not self.stopped_early:
                 x = self._next_batch()
                 loss = self.train_step(x)

@@ -437,7 +437,7 @@ def evaluate_run(
         if meta.get("levels") is not None or len(meta["shape"]) != 1:
             raise ConfigError("evaluating a file is supported for continuous vector data only")
         features = int(meta["shape"][0])
-        table = file_dataset(data, features=features, val=0.0, test=0.0, standardize=False)
+        table = file_dataset(data, features=features, val=0.0, test=0.0, preprocessing="none")
         rows, source = table.train, str(data)
     trainer_cfg = TrainConfig(progress=False, seed=seed, eval_batch_size=batch_size)
     trainer = Trainer(
