@@ -169,13 +169,13 @@ class Coupling(Transform):
                     f"conditioner must return an nn.Module, got {type(self.net).__name__}"
                 )
 
-    def _split(self, x: Tensor) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+    def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         event = tuple(self.mask.shape)
         if tuple(x.shape[x.dim() - self.event_dim :]) != event or x.dim() < self.event_dim:
             raise ShapeError(f"expected input of shape (*batch, {event}), got {tuple(x.shape)}")
         batch = tuple(x.shape[: x.dim() - self.event_dim])
         flat = x.reshape(*batch, -1)
-        return flat[..., self.keep_idx], flat[..., self.change_idx], batch
+        return flat[..., self.keep_idx], flat[..., self.change_idx]
 
     def _params(self, x_keep: Tensor, context: Tensor | None) -> Tensor:
         out = self.net(x_keep, context if self.context_features else None)
@@ -185,12 +185,12 @@ class Coupling(Transform):
         return torch.cat([x_keep, y_change], dim=-1)[..., self.merge_idx].reshape(like.shape)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        x_keep, x_change, _ = self._split(x)
+        x_keep, x_change = self._split(x)
         y, logd = self.map.forward(x_change, self._params(x_keep, context))
         return self._merge(x_keep, y, x), logd.sum(-1)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        z_keep, z_change, _ = self._split(z)
+        z_keep, z_change = self._split(z)
         x, logd = self.map.inverse(z_change, self._params(z_keep, context))
         return self._merge(z_keep, x, z), logd.sum(-1)
 
