@@ -53,9 +53,9 @@ n_train = 512
 n_val = 128
 n_test = 256
 [train]
-steps = 150
+steps = 80
 batch_size = 64
-eval_every = 30
+eval_every = 20
 checkpoint_every = 10
 ema = 0.9
 progress = false
@@ -312,10 +312,10 @@ def test_torchrun_cli_only_rank0_writes_files(cli_run):
         ]
     )
     _, meta = load_checkpoint(out / "checkpoint.safetensors")
-    assert meta["step"] == 150 and meta["world_size"] == WORLD
+    assert meta["step"] == 80 and meta["world_size"] == WORLD
     assert log.read_text().count("test NLL") == 1  # printed by rank 0 only
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 150 and math.isfinite(metrics["test_nll"])
+    assert metrics["steps"] == 80 and math.isfinite(metrics["test_nll"])
 
 
 def test_killed_torchrun_run_resumes_to_the_same_result(cli_run, tmp_path):
@@ -354,7 +354,7 @@ def test_killed_torchrun_run_resumes_to_the_same_result(cli_run, tmp_path):
         proc.kill()
         proc.wait()
     assert len(workers) == WORLD, f"the run finished before it could be killed:\n{log.read_text()}"
-    assert 10 <= step < 150
+    assert 10 <= step < 80
     assert not (killed / "metrics.json").exists()
     single = tmp_path / "single"
     shutil.copytree(killed, single)
@@ -362,7 +362,7 @@ def test_killed_torchrun_run_resumes_to_the_same_result(cli_run, tmp_path):
     _spawn("resume", tmp_path)
     a, meta_a = load_checkpoint(ref / "checkpoint.safetensors")
     b, meta_b = load_checkpoint(killed / "checkpoint.safetensors")
-    assert meta_a["step"] == meta_b["step"] == 150
+    assert meta_a["step"] == meta_b["step"] == 80
     keys = [k for k in a if k.startswith(("model.", "optim.", "ema.", "best."))]
     assert len(keys) > 10
     for k in keys:
