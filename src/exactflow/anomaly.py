@@ -249,8 +249,10 @@ def plot_score_histogram(
     s = s[np.isfinite(s)]
     fig = _figure(6.0, 3.6)
     ax = fig.add_subplot(1, 1, 1)
-    lo, hi = np.quantile(s, [0.001, 0.999]) if s.size > 10 else (s.min(), s.max())
-    lo, hi = min(lo, threshold), max(hi, threshold)
+    # heavy right tails (far anomalies) would squash the bulk: values beyond the 97th
+    # percentile (or the threshold, if higher) pile up in the last bin
+    lo, hi = np.quantile(s, [0.005, 0.97]) if s.size > 20 else (s.min(), s.max())
+    lo, hi = min(lo, threshold), max(hi, threshold + 0.05 * (hi - lo))
     bins = np.linspace(lo, hi + 1e-9 * (1 + abs(hi)), 50)
     if labels is None:
         ax.hist(np.clip(s, lo, hi), bins=bins, color="tab:blue", alpha=0.8, label="scores")
@@ -266,7 +268,9 @@ def plot_score_histogram(
                 label=f"{name} ({int((lab == value).sum())})",
             )
     ax.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold:.3g}")
-    ax.set_xlabel(f"score = -log p(x) [{unit}]")
+    clipped = int((s > hi).sum())
+    note = f" ({clipped} above {hi:.3g} in the last bin)" if clipped else ""
+    ax.set_xlabel(f"score = -log p(x) [{unit}]{note}")
     ax.set_ylabel("rows")
     ax.set_title(title)
     ax.legend(frameon=False)
