@@ -1,6 +1,7 @@
 """Training: the guarded maximum-likelihood engine, schedules, EMA, MMD and checkpoints."""
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .distributed import DistributedTrainer
 from .ema import EMA
 from .engine import NonFiniteTraining, TrainConfig, Trainer, TrainResult
 from .mmd import mmd2_rbf
@@ -8,6 +9,7 @@ from .schedule import warmup_cosine
 
 __all__ = [
     "EMA",
+    "DistributedTrainer",
     "NonFiniteTraining",
     "TrainConfig",
     "TrainResult",
