@@ -391,7 +391,8 @@ class DistributedTrainer(Trainer):
     shared). ``config.batch_size`` is the *global* batch ``B``, split over the W ranks, so
     the run follows the one-process run with batch ``B``. ``config.device``: ``"cpu"``,
     ``"cuda"``/``"auto"`` (this rank's GPU ``cuda:LOCAL_RANK``), or ``"cuda:N"`` with one
-    process per machine.
+    process per machine. Every trainable parameter must receive a gradient from the loss
+    (DDP's default bookkeeping; true of every model in :data:`exactflow.models.MODELS`).
 
     Args:
         flow, train, val, config, batch_fn, checkpoint, meta: as for ``Trainer``.
