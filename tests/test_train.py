@@ -305,3 +305,37 @@ def test_mmd_penalty_trains():
     t = Trainer(flow, data(), None, cfg(steps=20, mmd_weight=1.0, mmd_samples=64))
     r = t.fit()
     assert r.skipped == 0 and all(math.isfinite(v) for v in r.losses)
+
+
+_WRITER = """
+import sys, torch
+from pathlib import Path
+from exactflow.train.checkpoint import save_checkpoint
+path = Path(sys.argv[1])
+i = 0
+while True:
+    # 4 MB per write so that kills often land mid-write
+    save_checkpoint(path, {"w": torch.full((1_000_000,), float(i))}, {"i": i})
+    i += 1
+    if i == 3:
+        (path.parent / "ready").write_text("")
+"""
+
+
+def test_sigkill_during_checkpoint_writes_never_leaves_a_torn_file(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "c.safetensors"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], env=env)
+    deadline = time.time() + 120
+    while not (tmp_path / "ready").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05 + 0.1 * torch.rand(()).item())
+    proc.kill()
+    proc.wait()
+    tensors, meta = load_checkpoint(path)  # always a complete checkpoint
+    assert meta["i"] >= 2
+    assert torch.equal(tensors["w"], torch.full((1_000_000,), float(meta["i"])))
