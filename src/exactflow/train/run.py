@@ -86,9 +86,14 @@ def default_config(data: str = "moons", model: str = "nsf") -> RunConfig:
     """Defaults chosen per data set so a plain ``exactflow train --data X`` is sensible.
 
     * 2-D toys: NSF 5 x (128, 128), 1,000 steps at batch 256 (under a minute on 2 cores).
-    * small tables (breast_cancer, iris, user files): a smaller model, weight decay, EMA and
-      early stopping on validation, so 400-row sets do not overfit to a useless test NLL.
-    * digits / images: dequantisation + logit / standardisation handled by the data set.
+    * small tables (breast_cancer, iris, user files): a smaller model (3 x (64, 64)), weight
+      decay, EMA, validation from step 0 and early stopping, so 400-row sets do not overfit
+      to a useless test NLL. The data are whitened with the training covariance, so the
+      identity-initialised flow *is* the full-covariance Gaussian fit and the best-on-
+      validation weights start from it; NSF models, whose LU-linear layers learn the
+      correlations themselves, get per-feature standardisation instead (measured better on
+      breast_cancer for NSF in all of 3 seeds; whitening is better for MAF and RealNVP).
+    * digits / images: dequantisation + logit handled by the data set.
     """
     cfg = RunConfig(data=data, model=model)
     t = cfg.train
@@ -105,6 +110,8 @@ def default_config(data: str = "moons", model: str = "nsf") -> RunConfig:
         t.weight_decay, t.ema, t.eval_every, t.patience = 1e-2, 0.99, 25, 8
         if model.lower().startswith(("nsf", "maf", "realnvp", "nice", "iaf")):
             cfg.model_args = {"transforms": 3, "hidden": [64, 64]}
+        if model.lower().startswith("nsf"):
+            cfg.data_args = {"preprocessing": "standardize"}
     return cfg
 
 
