@@ -129,8 +129,10 @@ def test_bad_arguments_and_plot(tmp_path):
 
 @pytest.mark.slow
 def test_nsf_reaches_log_z_of_u1_within_a_tenth_of_a_nat():
+    # the configuration of benchmarks/vi.py (measured gap there: 0.02 nats)
     log_z = log_z_grid("U1")
     torch.manual_seed(0)
     flow = NSF(2, transforms=4, hidden=(32, 32))
-    res = fit_vi(flow, "U1", steps=1500, lr=5e-3, eval_samples=50000)
+    res = fit_vi(flow, "U1", steps=500, lr=3e-3, anneal=400, eval_samples=50000)
     assert log_z - 0.1 < res.elbo <= log_z + 3 * res.elbo_se
+    assert abs(res.log_z - log_z) < 0.02
