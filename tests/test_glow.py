@@ -165,6 +165,8 @@ def test_builder_errors():
         RealNVPImage((1, 6, 6), levels=3)
     with pytest.raises(ValueError, match="C, H, W"):
         Glow((64,))
+    with pytest.raises(ValueError, match="C, H, W"):  # a vector model's `features`
+        RealNVPImage(64)
 
 
 def _digits():

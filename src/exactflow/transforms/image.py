@@ -50,7 +50,8 @@ def image_shape(shape) -> tuple[int, int, int]:
     try:
         shape = tuple(shape)
     except TypeError:
-        raise TypeError(f"an image shape must be a (C, H, W) tuple, got {shape!r}") from None
+        # e.g. a vector model's `features` int passed to an image builder
+        raise ShapeError(f"an image shape must be a (C, H, W) tuple, got {shape!r}") from None
     if len(shape) != 3 or any(isinstance(s, bool) or not isinstance(s, int) for s in shape):
         raise ShapeError(f"an image shape must be (C, H, W) of ints, got {shape!r}")
     if min(shape) < 1:
