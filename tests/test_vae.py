@@ -91,3 +91,22 @@ def test_flow_prior_and_bad_options():
         FlowVAE(16, posterior="nsf")
     with pytest.raises(ConfigError, match="prior must be"):
         FlowVAE(16, prior="vamp")
+
+
+@pytest.mark.parametrize("posterior", ["iaf", "planar"])
+def test_posterior_density_is_the_exact_change_of_variables(posterior):
+    torch.manual_seed(0)
+    model = FlowVAE(64, latent=3, hidden=16, posterior=posterior, flow_layers=2, context=8)
+    model = model.double()
+    with torch.no_grad():
+        for p in model.q.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.bernoulli(torch.full((4, 64), 0.3, dtype=torch.float64))
+    h = model.encoder(x).detach()
+    z, log_q = model.q.sample_and_log_prob(5, context=h)
+    # the density of the sampled points, evaluated back through the data -> noise direction
+    torch.testing.assert_close(log_q, model.q.log_prob(z, h.expand(5, 4, 8)), atol=1e-9, rtol=0)
+    z0 = torch.randn(3, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(lambda v: model.q.transform.inverse(v, h[0])[0], z0)
+    ladj = model.q.transform.inverse(z0, h[0])[1].detach()
+    assert float(torch.linalg.slogdet(jac)[1]) == pytest.approx(float(ladj), abs=1e-9)
