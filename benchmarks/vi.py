@@ -25,6 +25,7 @@ from exactflow.vi import fit_vi, log_z_grid, plot_vi
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--targets", nargs="+", default=["U1", "U2", "U3", "U4"])
+    p.add_argument("--flows", nargs="+", default=["planar", "nsf"], choices=["planar", "nsf"])
     p.add_argument("--planar-steps", type=int, default=3000)
     p.add_argument("--nsf-steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=256)
@@ -46,6 +47,8 @@ def main() -> None:
             ("nsf-4x32", lambda: NSF(2, transforms=4, hidden=(32, 32)), args.nsf_steps, 3e-3),
         ]
         for label, build, steps, lr in specs:
+            if label.split("-")[0] not in args.flows:
+                continue
             torch.manual_seed(args.seed)
             flow = build()
             flow.validate = False
