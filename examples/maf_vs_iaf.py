@@ -53,7 +53,10 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, float]]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny run (CI)")
     ap.add_argument("--out", type=Path, default=Path("docs/figures"))
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads (timings)")
     args = ap.parse_args(argv)
+    # one thread: on a shared, loaded machine extra threads mostly measure contention
+    torch.set_num_threads(args.threads)
     dims = [2, 4] if args.smoke else [2, 4, 8, 16, 32, 64]
     repeats = 2 if args.smoke else 11
     batch = 256
