@@ -46,8 +46,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny run (CI)")
     ap.add_argument("--out", type=Path, default=Path("docs/figures"))
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads")
     args = ap.parse_args(argv)
-    steps = 5 if args.smoke else 2000
+    # small matmuls: one thread is as fast, and does not fight other jobs for the cores
+    torch.set_num_threads(args.threads)
+    steps = 5 if args.smoke else 1000
     data = toy_splits("moons", n_train=5000, n_val=10, n_test=5000, seed=0)
 
     torch.manual_seed(0)
