@@ -32,6 +32,7 @@ def test_every_example_is_tested():
         "spline_maps",
         "cnf_decay",
         "hutchinson_variance",
+        "dequantization",
     }
     assert scripts == tested, f"untested or missing examples: {scripts ^ tested}"
 
@@ -81,3 +82,11 @@ def test_hutchinson_variance(tmp_path):
         for kind in ("rademacher", "gaussian"):
             assert row[f"{kind} var"] == pytest.approx(row[f"{kind} closed"], rel=0.35)
         assert row["rademacher closed"] < row["gaussian closed"]
+
+
+def test_dequantization(tmp_path):
+    r = run_example("dequantization", tmp_path)
+    assert r["uniform"] == pytest.approx(math.log2(17))
+    # Jensen: the dequantised NLL bounds the exact discrete NLL from above
+    assert r["gaussian dequantised bound"] >= r["gaussian exact discrete"]
+    assert r["histogram"] < r["gaussian exact discrete"] < r["uniform"]
