@@ -33,6 +33,7 @@ def test_every_example_is_tested():
         "cnf_decay",
         "hutchinson_variance",
         "dequantization",
+        "variational_inference",
     }
     assert scripts == tested, f"untested or missing examples: {scripts ^ tested}"
 
@@ -90,3 +91,10 @@ def test_dequantization(tmp_path):
     # Jensen: the dequantised NLL bounds the exact discrete NLL from above
     assert r["gaussian dequantised bound"] >= r["gaussian exact discrete"]
     assert r["histogram"] < r["gaussian exact discrete"] < r["uniform"]
+
+
+def test_variational_inference(tmp_path):
+    r = run_example("variational_inference", tmp_path)
+    # the ELBO bounds log Z from below (up to Monte Carlo error), whatever the training
+    assert r["elbo"] <= r["log_z_grid"] + 3 * r["elbo_se"]
+    assert math.isfinite(r["log_z_is"])
