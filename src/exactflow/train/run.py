@@ -93,7 +93,8 @@ def default_config(data: str = "moons", model: str = "nsf") -> RunConfig:
       validation weights start from it; NSF models, whose LU-linear layers learn the
       correlations themselves, get per-feature standardisation instead (measured better on
       breast_cancer for NSF in all of 3 seeds; whitening is better for MAF and RealNVP).
-    * digits / images: dequantisation + logit handled by the data set.
+    * digits / images: dequantisation + logit handled by the data set; strong AdamW weight
+      decay against overfitting the ~1,200 training images.
     """
     cfg = RunConfig(data=data, model=model)
     t = cfg.train
@@ -103,8 +104,12 @@ def default_config(data: str = "moons", model: str = "nsf") -> RunConfig:
         t.steps, t.batch_size, t.lr, t.warmup = 1000, 256, 2e-3, 50
         t.eval_every = 100
     elif data == "digits" or data in IMAGES:
-        t.steps, t.batch_size, t.lr, t.warmup = 1500, 256, 1e-3, 100
-        t.ema, t.eval_every, t.patience = 0.99, 100, 5
+        # 1,200 training images overfit within ~400 steps at weight decay 0; AdamW decay 0.3
+        # and a 600-step cosine took NSF on digits from 2.017 to 2.003 bits/dim (seed 0)
+        t.steps, t.batch_size, t.lr, t.warmup = 600, 256, 1e-3, 100
+        t.weight_decay, t.ema, t.eval_every, t.patience = 0.3, 0.99, 100, 5
+        if data == "digits":
+            cfg.data_args = {"val": 0.1}
     elif data in TABULAR or Path(data).suffix.lower() in (".npy", ".csv"):
         t.steps, t.batch_size, t.lr, t.warmup = 2000, 128, 1e-3, 50
         t.weight_decay, t.ema, t.eval_every, t.patience = 1e-2, 0.99, 25, 8
