@@ -34,6 +34,7 @@ def test_every_example_is_tested():
         "hutchinson_variance",
         "dequantization",
         "variational_inference",
+        "export_onnx",
     }
     assert scripts == tested, f"untested or missing examples: {scripts ^ tested}"
 
@@ -98,3 +99,10 @@ def test_variational_inference(tmp_path):
     # the ELBO bounds log Z from below (up to Monte Carlo error), whatever the training
     assert r["elbo"] <= r["log_z_grid"] + 3 * r["elbo_se"]
     assert math.isfinite(r["log_z_is"])
+
+
+def test_export_onnx(tmp_path):
+    r = run_example("export_onnx", tmp_path)
+    # float32 graphs: the same numbers as PyTorch up to rounding
+    assert r["log_prob max abs diff"] < 1e-4
+    assert r["sample max abs diff"] < 1e-4
