@@ -35,6 +35,7 @@ def test_every_example_is_tested():
         "dequantization",
         "variational_inference",
         "export_onnx",
+        "anomaly_detection",
     }
     assert scripts == tested, f"untested or missing examples: {scripts ^ tested}"
 
@@ -106,3 +107,10 @@ def test_export_onnx(tmp_path):
     # float32 graphs: the same numbers as PyTorch up to rounding
     assert r["log_prob max abs diff"] < 1e-4
     assert r["sample max abs diff"] < 1e-4
+
+
+def test_anomaly_detection(tmp_path):
+    r = run_example("anomaly_detection", tmp_path)
+    # even 5 steps from a standard normal separate uniform outliers better than chance
+    assert 0.5 < r["auroc"] <= 1.0
+    assert 0.0 <= r["fpr_at_95_tpr"] <= 1.0
