@@ -237,3 +237,11 @@ def test_full_disk_fails_cleanly(tmp_path, tiny, capsys, monkeypatch):
     assert run("train", "--config", tiny, "--out", out, "--quiet", "--no-plots") == 2
     assert "No space left on device" in one_line_error(capsys)
     assert not (out / "checkpoint.safetensors").exists()
+
+
+def test_threads_option_is_validated(tmp_path, capsys):
+    from exactflow.cli import main
+
+    assert main(["train", "--threads", "0", "--out", str(tmp_path / "r")]) == 2
+    assert "--threads must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -11,6 +11,19 @@ from .flow import Flow
 
 __version__ = "0.1.0"
 
+# Subpackages with optional dependencies (scikit-learn, safetensors, onnx, ...) load on first use,
+# so `import exactflow` needs only torch and numpy.
+_LAZY = ("anomaly", "continuous", "data", "export", "plotting", "train", "vae", "vi")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'exactflow' has no attribute {name!r}")
+
+
 __all__ = [
     "Flow",
     "StandardNormal",

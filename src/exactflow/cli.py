@@ -50,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--force", action="store_true", help="overwrite an existing run in --out")
     t.add_argument("--no-plots", action="store_true", help="skip loss/density/sample plots")
     t.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    t.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads for this process (default: 1 for 2-D toy data, whose tiny "
+        "ops only lose time to thread hand-offs; torch's default otherwise)",
+    )
 
     e = sub.add_parser("eval", help="test NLL of a trained run with its standard error")
     e.add_argument("run", help="run directory")
@@ -89,6 +95,24 @@ def _default_out(data: str, model: str) -> Path:
     return Path(f"{base}-{k}")
 
 
+def _set_threads(threads: int | None, data: str) -> None:
+    """The CLI owns its process, so it may size torch's thread pool (the library never does).
+
+    Measured with ``exactflow train`` on moons: 28.1 s with 1 thread vs 30.4 s with 2 on an idle
+    2-core machine, and 13.5 s vs 141 s for 100 steps when the cores are shared.
+    """
+    import torch
+
+    from .data import TOY
+
+    if threads is not None:
+        if threads < 1:
+            raise _Usage(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    elif data in TOY:
+        torch.set_num_threads(1)
+
+
 def _cmd_train(args) -> int:
     from .train.config import RunConfig
     from .train.run import default_config, train_run
@@ -99,6 +123,7 @@ def _cmd_train(args) -> int:
         given = [f"--{n}" for n in ("data", "model", "config", "seed") if getattr(args, n)]
         if given:
             raise _Usage(f"--resume continues the saved run; drop {', '.join(given)}")
+        _set_threads(args.threads, "")
         metrics = train_run(
             RunConfig(),
             args.out,
@@ -123,6 +148,7 @@ def _cmd_train(args) -> int:
         data = data or head.get("data")
         model = model or head.get("model")
     data, model = str(data or "moons"), str(model or "nsf")
+    _set_threads(args.threads, data)
     cfg = default_config(data, model)
     if args.config:
         cfg = RunConfig.read(args.config, base=cfg)
