@@ -99,3 +99,64 @@ def test_unknown_target():
 def test_missing_file():
     with pytest.raises(FileNotFoundError, match="no ONNX file"):
         load_onnx("/nonexistent/model.onnx")
+
+
+# -- the model zoo: every discrete builder exports both directions ---------------------------------
+ZOO_D = 4
+
+
+def _zoo(name: str):
+    from exactflow import models
+
+    return {
+        "realnvp": lambda: models.RealNVP(ZOO_D, transforms=3, hidden=(32,)),
+        "nice": lambda: models.NICE(ZOO_D, transforms=3, hidden=(32,)),
+        "maf": lambda: models.MAF(ZOO_D, transforms=3, hidden=(32,)),
+        "iaf": lambda: models.IAF(ZOO_D, transforms=3, hidden=(32,)),
+        "nsf": lambda: models.NSF(ZOO_D, transforms=2, hidden=(32,)),
+        "nsf-coupling": lambda: models.NSF(ZOO_D, transforms=2, hidden=(32,), autoregressive=False),
+        "glow": lambda: models.Glow((1, 4, 4), levels=2, depth=2, hidden_channels=8),
+    }[name]()
+
+
+# spline and Glow exports take 6-25 s each on 2 cores: kept out of the default run
+_SLOW = {"nsf", "nsf-coupling", "glow"}
+# measured: 1.1e-4 max |onnxruntime - torch| on 1,000 float32 log-probs (|log p| up to ~11),
+# just over the 1e-4 target; kept strict so a fix shows up
+_KNOWN = {
+    ("nsf-coupling", "log_prob"): pytest.mark.xfail(
+        strict=True, reason="float32 parity 1.1e-4 > 1e-4 at batch 1000 (measured)"
+    )
+}
+ZOO = [
+    pytest.param(
+        n,
+        w,
+        id=f"{n}-{w}",
+        marks=([pytest.mark.slow] if n in _SLOW else [])
+        + ([_KNOWN[n, w]] if (n, w) in _KNOWN else []),
+    )
+    for n in ("realnvp", "nice", "maf", "iaf", "nsf", "nsf-coupling", "glow")
+    for w in ("log_prob", "sample")
+]
+
+
+@pytest.mark.parametrize("name, what", ZOO)
+def test_model_zoo_onnx_parity(name, what, tmp_path):
+    torch.manual_seed(0)
+    flow = _zoo(name).eval()
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # away from the identity initialisation
+    session = load_onnx(to_onnx(flow, tmp_path / "m.onnx", what=what))
+    for batch in (1, 1000, 37):  # batch 37 was never seen at export
+        x = torch.randn(batch, *flow.event_shape, generator=torch.Generator().manual_seed(batch))
+        if what == "log_prob":
+            ref = flow.log_prob(x).detach().numpy()
+            got = session.run(None, {"x": x.numpy()})[0]
+        else:
+            ref = flow.transform.inverse(0.8 * x)[0].detach().numpy()
+            feeds = {"noise": x.numpy(), "temperature": np.array(0.8, dtype=np.float32)}
+            got = session.run(None, feeds)[0]
+        assert got.shape == ref.shape
+        assert np.abs(got - ref).max() < 1e-4
