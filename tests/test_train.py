@@ -339,3 +339,34 @@ def test_sigkill_during_checkpoint_writes_never_leaves_a_torn_file(tmp_path):
     tensors, meta = load_checkpoint(path)  # always a complete checkpoint
     assert meta["i"] >= 2
     assert torch.equal(tensors["w"], torch.full((1_000_000,), float(meta["i"])))
+
+
+def test_rnode_penalty_enters_the_training_loss():
+    """A CNF's RNODE terms are added to the maximum-likelihood loss by the engine."""
+    import exactflow.continuous.regularization as reg
+    from exactflow.models import FFJORD
+    from exactflow.train import Trainer
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 2)
+    plain = FFJORD(2, hidden=(8,), solver="rk4", steps=4, trace="exact", adjoint=False)
+    weighted = FFJORD(
+        2,
+        hidden=(8,),
+        solver="rk4",
+        steps=4,
+        trace="exact",
+        adjoint=False,
+        regularization={"kinetic": 10.0},
+    )
+    weighted.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        for p in plain.parameters():  # move away from f = 0, where the kinetic energy vanishes
+            p.add_(0.3 * torch.randn_like(p))
+    weighted.load_state_dict(plain.state_dict())
+    nll = float(Trainer(plain, x)._loss(x).detach())
+    trainer = Trainer(weighted, x)
+    total = float(trainer._loss(x).detach())
+    penalty = float(reg.regularization_loss(weighted))
+    assert penalty > 0.0
+    assert abs(total - (nll + penalty)) < 1e-4 * max(1.0, abs(total))

@@ -245,6 +245,10 @@ class Trainer:
         self.config = config or TrainConfig()
         self.device = self._select_device(self.config.device)
         self.flow = flow.to(self.device)
+        from ..continuous.cnf import CNF
+
+        # RNODE penalties (kinetic, Jacobian, smoothness) live on CNF modules; look once
+        self._regularized = any(isinstance(m, CNF) for m in self.flow.modules())
         self.train_data = train.detach().cpu()
         self.val_data = None if val is None else val.detach().cpu()
         self.batch_fn = batch_fn or (lambda x, g: x)
@@ -369,6 +373,10 @@ class Trainer:
             loss = custom(x, generator=self.generator)
         else:
             loss = -self.flow.log_prob(x).mean()
+            if self._regularized:
+                from ..continuous.regularization import regularization_loss
+
+                loss = loss + regularization_loss(self.flow)
         c = self.config
         if c.mmd_weight > 0:
             samples = self.flow.rsample(c.mmd_samples, generator=self.sample_generator)
