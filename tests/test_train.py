@@ -367,6 +367,6 @@ def test_rnode_penalty_enters_the_training_loss():
     nll = float(Trainer(plain, x)._loss(x).detach())
     trainer = Trainer(weighted, x)
     total = float(trainer._loss(x).detach())
-    penalty = float(reg.regularization_loss(weighted))
+    penalty = float(reg.regularization_loss(weighted).detach())
     assert penalty > 0.0
     assert abs(total - (nll + penalty)) < 1e-4 * max(1.0, abs(total))
