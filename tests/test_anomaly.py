@@ -22,14 +22,6 @@ from exactflow.models import MAF
 from exactflow.transforms import Affine
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def gaussian_flow(loc=(1.0, -2.0), scale=(0.5, 2.0)) -> Flow:
     return Flow(Affine(torch.tensor(loc), torch.tensor(scale)), StandardNormal((2,)))
 

@@ -31,14 +31,6 @@ progress = false
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def tiny(tmp_path):
     p = tmp_path / "tiny.toml"

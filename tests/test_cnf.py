@@ -30,16 +30,6 @@ from exactflow.models.continuous import FFJORD
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # ODE solves are thousands of tiny ops: intra-op threads only contend on a shared CPU
-    # (this file: 36 s with one thread, 7 min with two under load). Restored afterwards.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 class Contract(nn.Module):
     """f(t, z) = -z: z(t) = x e^{-t}, tr ∂f/∂z = -D."""
 

@@ -33,16 +33,6 @@ from exactflow.matching import (
 from exactflow.models import MODELS
 from exactflow.models.matching import CFM, OTCFM, RectifiedFlow
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: intra-op threads only add contention on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # -- closed forms: Gaussian -> Gaussian -------------------------------------------------------
 
 
@@ -288,7 +278,6 @@ def test_conditional_model_trains_and_uses_its_context():
 @pytest.fixture(scope="module")
 def trained():
     """OT-CFM fitted briefly on 8 Gaussians (seeded)."""
-    torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     data, test = TOY["8gaussians"](4000, g), TOY["8gaussians"](1000, g)
     torch.manual_seed(0)

@@ -125,15 +125,6 @@ def _train(builder, sampler, steps, lr, **kwargs):
     return flow, test, nll
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # the CPU is shared: one intra-op thread avoids oversubscription stalls on tiny matmuls
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def realnvp_moons():
     return _train(RealNVP, moons, 300, 5e-3, transforms=6, hidden=(64, 64))

@@ -24,15 +24,6 @@ from exactflow.train.config import RunConfig
 from exactflow.transforms import Affine, Compose, LULinear, Planar
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: intra-op threads only add contention on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def gaussian_flow(shift=0.0, d=2) -> Flow:
     """A learnable full-covariance Gaussian: LU-linear then a learnable affine."""
     return Flow(

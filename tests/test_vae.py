@@ -7,14 +7,6 @@ from exactflow.errors import ConfigError, ShapeError
 from exactflow.vae import AmortisedPlanar, FlowVAE, binarised_images, evaluate_vae, train_vae
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def perturbed_planar(seed=0) -> AmortisedPlanar:
     torch.manual_seed(seed)
     t = AmortisedPlanar(3, 4).double()

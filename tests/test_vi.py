@@ -17,15 +17,6 @@ from exactflow.vi import (
     plot_vi,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 MU = torch.tensor([1.0, -0.5])
 PREC = torch.tensor([[2.0, 0.9], [0.9, 1.0]])  # precision matrix, positive definite
 OFFSET = 3.0
