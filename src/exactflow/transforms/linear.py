@@ -80,6 +80,8 @@ class LULinear(Transform):
                 f"permutation must be a permutation of range({d}), got {perm.tolist()}"
             )
         self.register_buffer("perm", perm.long())
+        # saved with perm (as in Permutation) so a forward pass does not sort every call
+        self.register_buffer("inv_perm", torch.argsort(perm.long()))
         self.lower = nn.Parameter(torch.zeros(d, d))
         self.upper = nn.Parameter(torch.zeros(d, d))
         self.log_diag = nn.Parameter(torch.zeros(d))
@@ -94,12 +96,12 @@ class LULinear(Transform):
     def weight(self) -> Tensor:
         """The dense matrix ``W = P L U`` (for tests and export)."""
         lower, upper = self._lu()
-        return (lower @ upper)[torch.argsort(self.perm)]
+        return (lower @ upper)[self.inv_perm]
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         lower, upper = self._lu()
         # row i of P L U x is row perm^{-1}(i) of L U x
-        z = (x @ upper.T @ lower.T)[..., torch.argsort(self.perm)]
+        z = (x @ upper.T @ lower.T)[..., self.inv_perm]
         if self.bias is not None:
             z = z + self.bias
         return z, self.log_diag.sum().expand(x.shape[:-1])
