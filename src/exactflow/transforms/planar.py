@@ -6,7 +6,8 @@ exports) and finishes with one Newton step that carries the gradient (implicit f
 theorem). ``Radial.inverse`` is the positive root of a quadratic, in closed form.
 
 For variational inference, where sampling is the hot direction, use ``Inverse(Planar(d))``
-so that the closed form is the generative direction.
+so that the closed form is the generative direction; ``Inverse(Planar(d, c))`` is the
+amortised layer of a flow posterior ``q(z | x)`` whose parameters depend on a context.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ContextError
 from .base import Transform
 
 __all__ = ["Planar", "Radial"]
@@ -26,41 +28,82 @@ class Planar(Transform):
     ``u_hat = u + (m(w.u) - w.u) w / |w|^2`` with ``m(a) = -1 + softplus(a)`` keeps
     ``w . u_hat > -1``, which makes the map invertible.
 
+    With ``context_features = C > 0`` the layer is amortised: ``(u, w, b)`` are the learned
+    ``(u, w, b)`` plus a linear function of the context, ``(u, w, b)(c) = theta + A c``, with
+    ``A`` zero-initialised so that every context starts from the same layer.
+
     Args:
         features: D.
+        context_features: C (0 = unconditional; a context passed to it is then ignored,
+            as a conditional base may need one).
         bisection_steps: iterations of the inverse's bracketing search (each halves the
             bracket of width ``2|w.u_hat|``).
+
+    Shapes: ``x`` ``(*batch, D)``, ``context`` ``(*batch, C)``, ``ladj`` ``batch``.
     """
 
-    def __init__(self, features: int, bisection_steps: int = 60):
+    def __init__(self, features: int, context_features: int = 0, bisection_steps: int = 60):
         super().__init__()
+        for name, value, least in (
+            ("features", features, 1),
+            ("context_features", context_features, 0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+            if value < least:
+                raise ValueError(f"{name} must be >= {least}, got {value}")
+        self.features = features
+        self.context_features = context_features
         self.u = nn.Parameter(torch.randn(features) * 0.1)
         self.w = nn.Parameter(torch.randn(features) * 0.1)
         self.b = nn.Parameter(torch.zeros(()))
+        if context_features:
+            self.amortise = nn.Linear(context_features, 2 * features + 1)
+            nn.init.zeros_(self.amortise.weight)
+            nn.init.zeros_(self.amortise.bias)
+        else:
+            self.amortise = None
         self.bisection_steps = int(bisection_steps)
 
-    def _u_hat(self) -> Tensor:
-        wu = self.w @ self.u
-        m = -1.0 + F.softplus(wu)
-        return self.u + (m - wu) * self.w / (self.w @ self.w).clamp_min(1e-12)
+    def _params(self, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(u_hat, w, b)``: shapes ``(D,), (D,), ()`` or, amortised, ``(*batch, D)`` twice
+        and ``batch``."""
+        u, w, b = self.u, self.w, self.b
+        if self.amortise is not None:
+            if context is None:
+                raise ContextError(
+                    f"this planar layer needs a context of shape (*batch, "
+                    f"{self.context_features}), got None"
+                )
+            if context.shape[-1:] != (self.context_features,):
+                raise ContextError(
+                    f"context must have shape (*batch, {self.context_features}), "
+                    f"got {tuple(context.shape)}"
+                )
+            d = self.features
+            out = self.amortise(context)
+            u, w, b = u + out[..., :d], w + out[..., d : 2 * d], b + out[..., 2 * d]
+        wu = (w * u).sum(-1, keepdim=True)
+        ww = (w * w).sum(-1, keepdim=True).clamp_min(1e-12)
+        u_hat = u + (F.softplus(wu) - 1.0 - wu) * w / ww
+        return u_hat, w, b
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        u = self._u_hat()
-        a = x @ self.w + self.b
-        h = torch.tanh(a)
+        u, w, b = self._params(context)
+        h = torch.tanh((x * w).sum(-1) + b)
         y = x + u * h.unsqueeze(-1)
-        ladj = torch.log1p((1.0 - h.square()) * (self.w @ u))
+        ladj = torch.log1p((1.0 - h.square()) * (w * u).sum(-1))
         return y, ladj
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        u = self._u_hat()
-        wu = self.w @ u
-        wy = z @ self.w
+        u, w, b = self._params(context)
+        wu = (w * u).sum(-1)
+        wy = (z * w).sum(-1)
 
         # alpha = w.x solves g(alpha) = alpha + wu * tanh(alpha + b) - w.y = 0, g increasing;
         # |tanh| <= 1 brackets the root in [w.y - |wu|, w.y + |wu|].
         def g(alpha: Tensor) -> Tensor:
-            return alpha + wu * torch.tanh(alpha + self.b) - wy
+            return alpha + wu * torch.tanh(alpha + b) - wy
 
         with torch.no_grad():
             lo = wy - wu.abs() - 1e-12
@@ -73,9 +116,9 @@ class Planar(Transform):
             alpha0 = 0.5 * (lo + hi)
         # one Newton step from the (detached) root: exact value to first order, and its
         # derivative gives the implicit-function gradient w.r.t. z and the parameters
-        dg = 1.0 + wu * (1.0 - torch.tanh(alpha0 + self.b).square())
+        dg = 1.0 + wu * (1.0 - torch.tanh(alpha0 + b).square())
         alpha = alpha0 - g(alpha0) / dg
-        h = torch.tanh(alpha + self.b)
+        h = torch.tanh(alpha + b)
         x = z - u * h.unsqueeze(-1)
         ladj = -torch.log1p((1.0 - h.square()) * wu)
         return x, ladj

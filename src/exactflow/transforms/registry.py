@@ -85,6 +85,9 @@ CASES: list[Case] = [
     Case("random-permutation", lambda s, c: RandomPermutation(s[0], seed=1)),
     Case("planar", lambda s, c: Planar(s[0]), roundtrip_tol=1e-6),
     Case("planar-inverse", lambda s, c: Inverse(Planar(s[0])), roundtrip_tol=1e-6),
+    Case(
+        "planar-amortised", lambda s, c: Inverse(Planar(s[0], c)), roundtrip_tol=1e-6, context=True
+    ),
     Case("radial", lambda s, c: Radial(s[0]), roundtrip_tol=1e-10),
     Case(
         "compose-lu-affine", lambda s, c: Compose([LULinear(s[0]), Affine(_z(s), 1 + _z(s), True)])
