@@ -21,12 +21,17 @@ that every library really builds the same architecture.
 Quality mode (``--quality``) trains each library's model for a fixed budget on 2-D toy data
 (moons, 8gaussians) with 3 seeds and prints the test NLL (nats) with its standard error; digits
 mode (``--digits``) does the same on scikit-learn digits (64-D, uniform dequantisation and a
-logit transform shared by everyone) and reports bits/dim in pixel space.
+logit transform shared by everyone) and reports bits/dim in pixel space. ``--digits-default``
+runs the NSF at ``exactflow train --data digits --model nsf``'s default configuration instead:
+every library's model (the peers' with an identity-initialised LU-linear layer before each
+spline layer, as exactflow's NSF has; ``--no-lu`` for their stock NSF) is fitted by exactflow's
+``Trainer`` on the same split, batches and dequantisation noise, so only the model differs.
 
     python benchmarks/peers.py --quick
     python benchmarks/peers.py --device cpu --dims 2 16 64 --models maf nsf realnvp --rounds 7
     python benchmarks/peers.py --quality --steps 500 --seeds 3
     python benchmarks/peers.py --digits --models nsf
+    python benchmarks/peers.py --digits-default --threads 1 --seeds 3
 
 Peers are used only through their public APIs (``pip install -e .[bench]``); a library that is
 missing or fails is reported and skipped.
@@ -83,7 +88,7 @@ class Contender:
 # builders: one per library, all with the architecture fixed above
 
 
-def _zuko(model: str, d: int) -> tuple[nn.Module, Callable, Callable]:
+def _zuko(model: str, d: int, lu: bool = False) -> tuple[nn.Module, Callable, Callable]:
     import zuko
 
     # zuko's NSF takes the spline bound from MonotonicRQSTransform's default; check it is ours
@@ -95,6 +100,14 @@ def _zuko(model: str, d: int) -> tuple[nn.Module, Callable, Callable]:
         flow = zuko.flows.MAF(d, **kw)
     elif model == "nsf":
         flow = zuko.flows.NSF(d, bins=BINS, **kw)
+        if lu:
+            # an identity-initialised L U x before every spline layer (zuko's NSF has none)
+            lus = [
+                zuko.flows.UnconditionalTransform(zuko.transforms.LULinearTransform, torch.eye(d))
+                for _ in range(TRANSFORMS)
+            ]
+            layers = [t for pair in zip(lus, flow.transform.transforms) for t in pair]
+            flow = zuko.flows.Flow(layers, flow.base)
     else:
         flow = zuko.flows.RealNVP(d, **kw)
     return flow, (lambda x: flow().log_prob(x)), (lambda n: flow().sample((n,)))
@@ -111,13 +124,14 @@ class _IgnoreContext(nn.Module):
         return self.net(x)
 
 
-def _nflows(model: str, d: int) -> tuple[nn.Module, Callable, Callable]:
+def _nflows(model: str, d: int, lu: bool = False) -> tuple[nn.Module, Callable, Callable]:
     from nflows.distributions.normal import StandardNormal
     from nflows.flows.base import Flow
     from nflows.nn.nets import MLP
     from nflows.transforms import (
         AffineCouplingTransform,
         CompositeTransform,
+        LULinear,
         MaskedAffineAutoregressiveTransform,
         MaskedPiecewiseRationalQuadraticAutoregressiveTransform,
         ReversePermutation,
@@ -134,6 +148,8 @@ def _nflows(model: str, d: int) -> tuple[nn.Module, Callable, Callable]:
         if model == "maf":
             layers.append(MaskedAffineAutoregressiveTransform(features=d, **made))
         elif model == "nsf":
+            if lu:
+                layers.append(LULinear(d, identity_init=True))
             layers.append(
                 MaskedPiecewiseRationalQuadraticAutoregressiveTransform(
                     features=d, num_bins=BINS, tails="linear", tail_bound=BOUND, **made
@@ -152,7 +168,7 @@ def _nflows(model: str, d: int) -> tuple[nn.Module, Callable, Callable]:
     return flow, flow.log_prob, flow.sample
 
 
-def _normflows(model: str, d: int) -> tuple[nn.Module, Callable, Callable]:
+def _normflows(model: str, d: int, lu: bool = False) -> tuple[nn.Module, Callable, Callable]:
     import normflows as nf
     from normflows.flows.neural_spline.autoregressive import (
         MaskedPiecewiseRationalQuadraticAutoregressive,
@@ -174,6 +190,11 @@ def _normflows(model: str, d: int) -> tuple[nn.Module, Callable, Callable]:
                 features=d, num_bins=BINS, tails="linear", tail_bound=BOUND, **made
             )
             flows.append(nf.flows.Reverse(layer))
+            if lu:
+                # normflows' list runs noise -> data: this LU comes before the spline on the
+                # density side; its fixed random permutation replaces the swap below
+                flows.append(nf.flows.LULinearPermute(d, identity_init=True))
+                continue
         else:
             net = nf.nets.MLP([d // 2, *HIDDEN, 2 * (d - d // 2)], init_zeros=True)
             flows.append(nf.flows.AffineCouplingBlock(net))
@@ -183,7 +204,9 @@ def _normflows(model: str, d: int) -> tuple[nn.Module, Callable, Callable]:
     return flow, flow.log_prob, (lambda n: flow.sample(n)[0])
 
 
-def _exactflow(model: str, d: int) -> tuple[nn.Module, Callable, Callable]:
+def _exactflow(model: str, d: int, lu: bool = True) -> tuple[nn.Module, Callable, Callable]:
+    """exactflow's NSF always has its LU layers (``lu`` is accepted for a uniform signature);
+    the peers' NSF builders add theirs only with ``lu=True``."""
     import exactflow.models as em
 
     kw = {"transforms": TRANSFORMS, "hidden": HIDDEN}
@@ -200,9 +223,18 @@ BUILDERS = {"zuko": _zuko, "nflows": _nflows, "normflows": _normflows, "exactflo
 
 
 def build(
-    lib: str, model: str, d: int, device: torch.device, seed: int = 0, compile_sample: bool = False
+    lib: str,
+    model: str,
+    d: int,
+    device: torch.device,
+    seed: int = 0,
+    compile_sample: bool = False,
+    lu: bool = False,
 ) -> Contender:
     """Build ``model`` at dimension ``d`` in library ``lib`` (seeded), on ``device``.
+
+    ``lu`` gives the peers' NSF an identity-initialised LU-linear layer before every spline
+    layer, as exactflow's NSF has.
 
     ``zuko+compile`` samples eagerly unless ``compile_sample``: compiling the D sequential
     passes of autoregressive sampling unrolls them into one huge graph (minutes per model).
@@ -222,7 +254,7 @@ def build(
             train_log_prob=torch.compile(log_prob, dynamic=False, **opts),
             cudagraphs=cuda,
         )
-    module, log_prob, sample = BUILDERS[lib](model, d)
+    module, log_prob, sample = BUILDERS[lib](model, d, lu)
     module.to(device)
     return Contender(lib, module, log_prob, sample)
 
@@ -562,6 +594,116 @@ def digits(args: argparse.Namespace) -> list[dict]:
     return results
 
 
+def _as_exactflow(c: Contender, pre: nn.Module, d: int) -> nn.Module:
+    """Peer ``c`` behind exactflow's pre-processing ``pre``, as an exactflow ``Flow`` that
+    exactflow's ``Trainer`` can fit: ``log p(v + u) = log p_peer(y) + log|dy/d(v + u)|`` with
+    ``(y, log|dy/d(v + u)|) = pre(v + u)``. Density only (sampling is not wired up)."""
+    from exactflow.distributions import StandardNormal
+    from exactflow.flow import Flow
+
+    class PeerFlow(Flow):
+        def __init__(self) -> None:
+            # the base is never used for the density; it anchors dtype and device for Trainer
+            super().__init__(pre, StandardNormal(d))
+            self.peer = c.module
+
+        def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+            y, ladj = self.transform(x)
+            return c.log_prob(y) + ladj
+
+    return PeerFlow()
+
+
+def digits_default(args: argparse.Namespace) -> list[dict]:
+    """NSF on digits at ``exactflow train --data digits --model nsf``'s default configuration.
+
+    Every library's model is fitted by exactflow's ``Trainer`` with that configuration (steps,
+    batch, AdamW, warm-up + cosine, clipping, EMA, best-on-validation weights) on the same split,
+    the same batches and the same dequantisation noise; exactflow's own model is built exactly as
+    the command builds it. Test bits/dim in pixel space as the command reports them.
+    """
+    from exactflow.data import bits_per_dim, dequantize, load_dataset
+    from exactflow.models import NSF
+    from exactflow.train import Trainer
+    from exactflow.train.config import RunConfig
+    from exactflow.train.run import build_flow, default_config
+
+    # the peers are built from this file's constants: they must be what the command trains
+    base = default_config("digits", "nsf")
+    nsf_defaults = {k: v.default for k, v in inspect.signature(NSF).parameters.items()}
+    ours = {"transforms": TRANSFORMS, "hidden": list(HIDDEN), "bins": BINS, "bound": BOUND}
+    used = {k: base.model_args.get(k, nsf_defaults[k]) for k in ours}
+    used["hidden"] = list(used["hidden"])
+    if used != ours:
+        raise RuntimeError(f"the digits default NSF is {used}, this benchmark builds {ours}")
+    t = base.train
+    print(
+        f"# default digits budget: {t.steps} steps x batch {t.batch_size}, {t.optimizer} lr "
+        f"{t.lr} weight decay {t.weight_decay}, warm-up {t.warmup} then cosine to "
+        f"{t.final_lr_ratio} x lr, clip {t.clip_norm}, EMA {t.ema}, validate every "
+        f"{t.eval_every} (patience {t.patience}), data {base.data_args}; peers' LU: {args.lu}",
+        flush=True,
+    )
+    libs = [lib for lib in available(args.libs) if lib != "zuko+compile"]
+    row: dict = {"model": "nsf", "data": "digits", "libs": {}}
+    for lib in libs:
+        runs = []
+        for seed in range(args.seeds):
+            cfg = RunConfig.from_dict({"seed": seed, "train": {"progress": False}}, base)
+            dataset = load_dataset(cfg.data, cfg.seed, **cfg.data_args)
+            d = dataset.features
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    if lib == "exactflow":
+                        flow, _ = build_flow(cfg.model, cfg.model_args, dataset.meta(), dataset)
+                    else:
+                        c = build(lib, "nsf", d, torch.device("cpu"), seed=seed, lu=args.lu)
+                        flow = _as_exactflow(c, dataset.preprocess((d,)), d)
+                params = sum(p.numel() for p in flow.parameters() if p.requires_grad)
+                trainer = Trainer(flow, dataset.train, dataset.val, cfg.train, batch_fn=dequantize)
+                result = trainer.fit()
+                nll, _ = trainer.nll(dataset.test, seed=cfg.seed + 1)
+                run = {
+                    "bpd": bits_per_dim(nll, d),
+                    "train_s": result.wall_time,
+                    "steps": result.steps,
+                    "best_step": result.best_step,
+                    "params": params,
+                }
+            except Exception as exc:
+                print(f"# {lib} nsf digits seed {seed}: {type(exc).__name__}: {exc}")
+                run = {"bpd": math.nan, "train_s": math.nan, "steps": 0, "best_step": -1}
+            print(f"#   {lib} seed {seed}: {json.dumps(run)}", flush=True)
+            runs.append(run)
+        mean, se = _mean_se([r["bpd"] for r in runs])
+        row["libs"][lib] = {"mean": mean, "se": se, "runs": runs}
+        print(f"# digits nsf {lib}: {mean:.4f} ± {se:.4f} bits/dim", flush=True)
+    print(
+        f"\nDigits test bits/dim in pixel space at exactflow's default digits budget "
+        f"({t.steps} steps x {t.batch_size}), every library fitted by exactflow's Trainer; "
+        f"mean ± s.e. over {args.seeds} seeds (seed = split, init, batches)"
+    )
+    rows = []
+    for lib, r in row["libs"].items():
+        runs = r["runs"]
+        rows.append(
+            [
+                lib,
+                str(runs[0].get("params", "-")),
+                "/".join(str(x["steps"]) for x in runs),
+                "/".join(str(x["best_step"]) for x in runs),
+                f"{statistics.fmean(x['train_s'] for x in runs):.0f}",
+                f"{r['mean']:.3f} ± {r['se']:.3f}",
+                " ".join(f"{x['bpd']:.3f}" for x in runs),
+            ]
+        )
+    header = ["library", "params", "steps", "best step", "train s/run", "bits/dim", "per seed"]
+    print(_table(header, rows))
+    _quality_table([row], libs, "bits/dim")
+    return [row]
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -584,6 +726,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="D in {2, 16}, 3 rounds, 0.1 s each")
     ap.add_argument("--quality", action="store_true", help="test NLL on 2-D toys instead")
     ap.add_argument("--digits", action="store_true", help="bits/dim on sklearn digits instead")
+    ap.add_argument(
+        "--digits-default",
+        action="store_true",
+        help="NSF bits/dim on digits at `exactflow train --data digits`'s default budget",
+    )
+    ap.add_argument(
+        "--lu",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--digits-default: give the peers' NSF exactflow's LU-linear layers (default on)",
+    )
     ap.add_argument("--datasets", nargs="+", default=["moons", "8gaussians"])
     ap.add_argument("--steps", type=int, default=500, help="quality: Adam steps")
     ap.add_argument("--batch", type=int, default=256, help="quality: batch size")
@@ -613,6 +766,8 @@ def main(argv: list[str] | None = None) -> None:
             out = {"quality": quality(args)}
         elif args.digits:
             out = {"digits": digits(args)}
+        elif args.digits_default:
+            out = {"digits_default": digits_default(args)}
         else:
             out = speed(args, device)
     except KeyboardInterrupt:
