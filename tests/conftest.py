@@ -6,7 +6,8 @@ from hypothesis import HealthCheck, settings
 
 # Property-sweep profiles (tests/test_properties.py): "ci" is small and derandomised so CI is
 # reproducible; "long" (pytest --long, or EXACTFLOW_PROPERTY_PROFILE=long) runs 10^4 cases per
-# transform.
+# transform. EXACTFLOW_PROPERTY_EXAMPLES=N overrides the case count of either profile, so a
+# documented subset (e.g. the slow CNF case) can be rerun with the same command.
 settings.register_profile(
     "ci",
     max_examples=12,
@@ -35,7 +36,14 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     long = config.getoption("--long") or os.environ.get("EXACTFLOW_PROPERTY_PROFILE") == "long"
-    settings.load_profile("long" if long else "ci")
+    name = "long" if long else "ci"
+    examples = os.environ.get("EXACTFLOW_PROPERTY_EXAMPLES")
+    if examples:
+        settings.register_profile(
+            f"{name}-n", settings.get_profile(name), max_examples=int(examples)
+        )
+        name = f"{name}-n"
+    settings.load_profile(name)
 
 
 @pytest.fixture

@@ -103,6 +103,12 @@ class Flow(nn.Module):
                 f"{name} must have shape (*batch, {', '.join(map(str, ev))}) for event shape "
                 f"{_shape_str(ev)}, got {_shape_str(tuple(x.shape))}"
             )
+        if x.numel() == 0:
+            # shape-only check; several transforms cannot reshape a batch of zero samples
+            raise ShapeError(
+                f"{name} has an empty batch, shape {_shape_str(tuple(x.shape))}; "
+                "pass at least one sample"
+            )
         if not torch.isfinite(x).all():
             bad = int((~torch.isfinite(x)).sum())
             raise DomainError(f"{name} contains {bad} non-finite value(s) (NaN or inf)")
@@ -172,8 +178,8 @@ class Flow(nn.Module):
 
     def _sample_setup(self, n, context) -> tuple[tuple[int, ...], Tensor | None]:
         shape = (int(n),) if isinstance(n, (int, np.integer)) else tuple(int(s) for s in n)
-        if any(s < 0 for s in shape):
-            raise ValueError(f"number of samples must be >= 0, got {shape}")
+        if any(s < 1 for s in shape):
+            raise ShapeError(f"number of samples must be >= 1, got {_shape_str(shape)}")
         if context is None:
             if self.context_features > 0:
                 raise ContextError(

@@ -34,6 +34,7 @@ __all__ = [
     "parse_checkpoint",
     "read_checkpoint_bytes",
     "save_checkpoint",
+    "state_dict_mismatch",
 ]
 
 _META_KEY = "exactflow"
@@ -144,6 +145,30 @@ def parse_checkpoint(raw: bytes, path: str | Path) -> tuple[dict[str, Tensor], d
     except (json.JSONDecodeError, SafetensorError) as err:
         raise DataError(f"{path}: corrupt checkpoint ({err})") from err
     return tensors, meta
+
+
+def state_dict_mismatch(module: torch.nn.Module, tensors: dict[str, Tensor]) -> str:
+    """One line saying why ``tensors`` cannot load into ``module`` (``""`` if they can).
+
+    Counts the missing keys, the unexpected keys and the tensors of another shape, each with
+    a first example; torch's own error spreads this over many lines.
+    """
+    own = module.state_dict()
+    missing = [k for k in own if k not in tensors]
+    unexpected = [k for k in tensors if k not in own]
+    reshaped = [k for k in own if k in tensors and own[k].shape != tensors[k].shape]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing tensor(s), e.g. {missing[0]!r}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]!r}")
+    if reshaped:
+        k = reshaped[0]
+        parts.append(
+            f"{len(reshaped)} of another shape, e.g. {k!r}: {tuple(tensors[k].shape)} in the "
+            f"file, {tuple(own[k].shape)} in the model"
+        )
+    return "; ".join(parts)
 
 
 def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:

@@ -30,7 +30,13 @@ from torch import Tensor
 
 from ..errors import ConfigError, DTypeError, ExactflowError, ShapeError
 from ..flow import Flow
-from .checkpoint import load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
+from .checkpoint import (
+    load_checkpoint,
+    optimizer_from_flat,
+    optimizer_to_flat,
+    save_checkpoint,
+    state_dict_mismatch,
+)
 from .ema import EMA
 from .mmd import mmd2_rbf
 from .schedule import warmup_cosine
@@ -489,12 +495,12 @@ class Trainer:
         for k, v in tensors.items():
             head, _, rest = k.partition(".")
             groups.setdefault(head, {})[rest] = v
+        weights = groups.get("model", {})
         try:
-            self.flow.load_state_dict(groups.get("model", {}), strict=True)
+            self.flow.load_state_dict(weights, strict=True)
         except RuntimeError as err:
-            raise ConfigError(
-                f"{path}: checkpoint does not match this model ({str(err).splitlines()[0]})"
-            ) from err
+            detail = state_dict_mismatch(self.flow, weights) or str(err).splitlines()[0]
+            raise ConfigError(f"{path}: checkpoint does not match this model ({detail})") from err
         optimizer_from_flat(self.optimizer, groups.get("optim", {}), meta["optimizer"])
         if self.ema is not None:
             self.ema.load_tensors(groups.get("ema", {}), meta["ema_updates"])

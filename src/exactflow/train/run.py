@@ -38,6 +38,7 @@ from .checkpoint import (
     parse_checkpoint,
     read_checkpoint_bytes,
     save_checkpoint,
+    state_dict_mismatch,
 )
 from .config import RunConfig
 from .distributed import DistributedContext, DistributedTrainer, on_main, session
@@ -420,7 +421,7 @@ def load_run(path: str | Path, device: str = "cpu") -> LoadedRun:
     except RuntimeError as err:
         raise ConfigError(
             f"{file}: weights do not match model {cfg.model!r} with {cfg.model_args} "
-            f"({str(err).splitlines()[0]})"
+            f"({state_dict_mismatch(flow, tensors) or str(err).splitlines()[0]})"
         ) from err
     flow.to(device).eval()
     return LoadedRun(flow, cfg, meta["data"], event_shape, meta.get("metrics", {}))
