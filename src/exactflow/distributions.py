@@ -56,6 +56,7 @@ class BaseDistribution(nn.Module):
 
     @property
     def event_dim(self) -> int:
+        """Number of event dimensions, ``len(event_shape)``."""
         return len(self.event_shape)
 
     def _sum_event(self, t: Tensor) -> Tensor:
@@ -66,9 +67,14 @@ class BaseDistribution(nn.Module):
         return torch.randn(shape, generator=generator, dtype=a.dtype, device=a.device)
 
     def log_prob(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        """``log q(z | context)`` of shape ``batch`` for ``z`` ``(*batch, *event_shape)``
+        (``context``: ``(*batch, context_features)`` or ``None``)."""
         raise NotImplementedError
 
     def sample(self, shape=(), context: Tensor | None = None, generator=None) -> Tensor:
+        """Draws of shape ``(*shape, *event_shape)`` (an int ``shape`` means ``(shape,)``;
+        a conditional base puts the context's batch shape before the event), from
+        ``generator`` if given; reparameterised where the family allows it."""
         raise NotImplementedError
 
 

@@ -41,9 +41,27 @@ class Transform(nn.Module):
     context_features: int = 0
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Normalizing direction, data -> noise: ``(z, log|det dz/dx|)``.
+
+        Args:
+            x: ``(*batch, *event)`` data.
+            context: ``(*batch, context_features)`` or ``None``.
+
+        Returns:
+            ``z`` of the shape of ``x`` and ``ladj`` of shape ``batch``.
+        """
         raise NotImplementedError
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Generative direction, noise -> data: ``(x, log|det dx/dz|)``.
+
+        Args:
+            z: ``(*batch, *event)`` noise.
+            context: ``(*batch, context_features)`` or ``None``.
+
+        Returns:
+            ``x`` of the shape of ``z`` and ``ladj`` of shape ``batch``.
+        """
         raise NotImplementedError
 
     @property

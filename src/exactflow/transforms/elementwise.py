@@ -171,9 +171,17 @@ class ElementwiseMap:
     num_params: int = 0
 
     def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        """``y = tau(x; params)`` and ``log|dy/dx|``, both of the shape of ``x``.
+
+        ``params``: ``x.shape + (num_params,)``, unconstrained.
+        """
         raise NotImplementedError
 
     def inverse(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        """``x = tau^{-1}(y; params)`` and ``log|dx/dy|``, both of the shape of ``y``.
+
+        ``params``: ``y.shape + (num_params,)``, the same as for :meth:`forward`.
+        """
         raise NotImplementedError
 
     def __repr__(self) -> str:
