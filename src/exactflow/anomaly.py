@@ -320,6 +320,7 @@ class Detector:
 
     @property
     def unit(self) -> str:
+        """Unit of the scores and threshold: ``"bits/dim"`` or ``"nats"``."""
         return "bits/dim" if self.bits else "nats"
 
     def score(self, x, context: Tensor | None = None) -> np.ndarray:

@@ -56,6 +56,7 @@ class CheckReport:
 
     @property
     def passed(self) -> bool:
+        """True when every check passed (no failures recorded)."""
         return not self.failures
 
     def __str__(self) -> str:
@@ -196,6 +197,7 @@ class FlowReport:
 
     @property
     def passed(self) -> bool:
+        """True when the transform's checks and the flow-level checks all passed."""
         return self.transform.passed and not self.failures
 
     def __str__(self) -> str:

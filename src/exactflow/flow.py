@@ -62,18 +62,22 @@ class Flow(nn.Module):
     # -- properties -----------------------------------------------------------------------
     @property
     def event_shape(self) -> tuple[int, ...]:
+        """Shape of one event, the base's ``event_shape``."""
         return self.base.event_shape
 
     @property
     def context_features(self) -> int:
+        """Context size the flow reads (0 = unconditional)."""
         return max(self.transform.context_features, self.base.context_features)
 
     @property
     def dtype(self) -> torch.dtype:
+        """Floating dtype of the flow (follows ``.to()`` / ``.double()``)."""
         return self.base._anchor.dtype
 
     @property
     def device(self) -> torch.device:
+        """Device of the flow (follows ``.to()``)."""
         return self.base._anchor.device
 
     # -- validation ---------------------------------------------------------------------------

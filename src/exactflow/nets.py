@@ -120,6 +120,7 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """``(*batch, in_features)`` (+ context ``(*batch, context)``) -> ``(*batch, out_features)``."""
         return self.net(_join(x, context, self.context_features))
 
 
@@ -179,6 +180,7 @@ class ResidualMLP(nn.Module):
         self.out = nn.Sequential(act(), _dense(hidden, self.out_features, zero=True))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """``(*batch, in_features)`` (+ context ``(*batch, context)``) -> ``(*batch, out_features)``."""
         h = self.inp(_join(x, context, self.context_features))
         return self.out(self.blocks(h))
 
@@ -282,6 +284,8 @@ class MADE(nn.Module):
         return getattr(self, f"mask{i}")
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """``(*batch, D)`` (+ context ``(*batch, context)``) -> ``(*batch, D, P)``; output ``i``
+        depends only on the inputs before ``i`` in :attr:`order`."""
         if x.shape[-1] != self.features:
             raise ShapeError(
                 f"MADE expects x of shape (*batch, {self.features}), got {tuple(x.shape)}"

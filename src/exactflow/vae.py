@@ -291,6 +291,7 @@ class VAEResult:
     losses: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
+        """The summary numbers as a dict (the per-step ``losses`` left out)."""
         return {k: v for k, v in self.__dict__.items() if k != "losses"}
 
 

@@ -76,6 +76,7 @@ class RNODE:
         return tuple(n for n in ("kinetic", "jacobian", "smoothness") if getattr(self, n) > 0)
 
     def weight(self, name: str) -> float:
+        """The weight of term ``name`` (``"kinetic"``, ``"jacobian"`` or ``"smoothness"``)."""
         return float(getattr(self, name))
 
     @classmethod

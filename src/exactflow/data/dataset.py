@@ -92,6 +92,7 @@ class Dataset:
 
     @property
     def discrete(self) -> bool:
+        """True for integer-valued data with ``levels`` (dequantised before training)."""
         return self.levels is not None
 
     def batch(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -160,6 +160,7 @@ class MatchingFlow(Flow):
         return self.cnf.nfe
 
     def reset_nfe(self) -> None:
+        """Zero the CNF's function-evaluation counters (see :attr:`nfe`)."""
         self.cnf.reset_nfe()
 
     def with_preprocessing(self, transform: Transform) -> MatchingFlow:

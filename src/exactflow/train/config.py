@@ -52,6 +52,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
+        """The configuration as plain values (what :meth:`to_toml` writes)."""
         return {
             "data": self.data,
             "model": self.model,
@@ -122,6 +123,7 @@ class RunConfig:
             raise ConfigError(f"{path}: {err}") from err
 
     def to_toml(self) -> str:
+        """The configuration as TOML text."""
         return dump_toml(self.to_dict())
 
 

@@ -103,6 +103,7 @@ class DistributedContext:
 
     @property
     def is_main(self) -> bool:
+        """True on rank 0 (the process that logs and writes checkpoints)."""
         return self.rank == 0
 
     def supports(self, device: torch.device) -> bool:

@@ -57,9 +57,11 @@ class EMA:
                     p.copy_(backup[name])
 
     def state_tensors(self) -> dict[str, Tensor]:
+        """The averaged parameters by name, for a checkpoint."""
         return dict(self.shadow)
 
     def load_tensors(self, tensors: dict[str, Tensor], updates: int) -> None:
+        """Restore the averages saved by :meth:`state_tensors` and the update count."""
         missing = set(self.shadow) - set(tensors)
         if missing:
             raise ValueError(f"EMA state lacks {sorted(missing)[:3]}")

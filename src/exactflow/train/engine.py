@@ -117,6 +117,7 @@ class TrainConfig:
         return cls(**options)
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict."""
         return asdict(self)
 
     def validate(self) -> None:

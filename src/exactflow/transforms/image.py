@@ -116,6 +116,7 @@ class ConvNet(nn.Module):
         self.context_in = nn.Linear(self.context_features, hidden) if context_features else None
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """``(*batch, in, H, W)`` (+ context ``(*batch, context)``) -> ``(*batch, out, H, W)``."""
         batch = tuple(x.shape[:-3])
         h = self.conv_in(x.reshape(-1, *x.shape[-3:]))
         if self.context_in is not None:
