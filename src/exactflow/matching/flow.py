@@ -37,6 +37,7 @@ class VelocityMLP(TimeMLP):
     """
 
     def forward(self, t: Tensor | float, z: Tensor, context: Tensor | None = None) -> Tensor:
+        """Velocity ``(N, D)`` at times ``t`` (scalar or ``(N,)``) and points ``z`` ``(N, D)``."""
         t = torch.as_tensor(t, dtype=z.dtype, device=z.device)
         rows = z.shape[:-1]
         if t.numel() == 1:
