@@ -36,6 +36,10 @@ def test_every_example_is_tested():
         "variational_inference",
         "export_onnx",
         "anomaly_detection",
+        "glow_digits",
+        "adjoint_memory",
+        "rnode_nfe",
+        "flow_matching_paths",
     }
     assert scripts == tested, f"untested or missing examples: {scripts ^ tested}"
 
@@ -114,3 +118,42 @@ def test_anomaly_detection(tmp_path):
     # even 5 steps from a standard normal separate uniform outliers better than chance
     assert 0.5 < r["auroc"] <= 1.0
     assert 0.0 <= r["fpr_at_95_tpr"] <= 1.0
+
+
+def test_glow_digits(tmp_path):
+    r = run_example("glow_digits", tmp_path)
+    # the LU 1x1 conv's log-det H W sum log|s_i| equals H W slogdet(W) (float32 rounding)
+    assert r["lu logdet error"] < 1e-4
+    # a dequantised NLL bounds the positive discrete entropy from above
+    assert 0.0 < r["bpd trained"] < 10.0 and 0.0 < r["bpd init"] < 10.0
+
+
+def test_adjoint_memory(tmp_path):
+    r = run_example("adjoint_memory", tmp_path)
+    few, many = r["steps"][2], r["steps"][8]
+    # backprop through the solver keeps every step's graph: 4x the steps, ~4x the memory
+    assert many["direct"]["peak_mb"] > 3.0 * few["direct"]["peak_mb"]
+    # the adjoint keeps one evaluation's graph at a time, whatever the number of steps
+    assert many["adjoint"]["peak_mb"] == pytest.approx(few["adjoint"]["peak_mb"], rel=0.05)
+    assert many["adjoint"]["peak_mb"] < many["direct"]["peak_mb"] / 10
+    for sweep in r.values():
+        for row in sweep.values():
+            assert row["adjoint"]["nfe_backward"] > 0 and row["direct"]["nfe_backward"] == 0
+            assert row["grad rel diff"] < 1e-3  # the same gradient, up to the backward solve
+
+
+def test_rnode_nfe(tmp_path):
+    r = run_example("rnode_nfe", tmp_path)
+    assert set(r) == {"plain", "RNODE"}
+    for row in r.values():
+        assert math.isfinite(row["test NLL"]) and row["final NFE"] >= 8  # dopri5: >= 1 step
+        assert [s for s, _, _ in row["log"]] == [2, 4]
+
+
+def test_flow_matching_paths(tmp_path):
+    r = run_example("flow_matching_paths", tmp_path)
+    assert set(r) == {"CFM", "OT-CFM", "rectified flow", "rectified flow + reflow"}
+    for row in r.values():
+        # a path is never shorter than its chord, and S is a mean of squares
+        assert row["length ratio"] >= 1.0 - 1e-6 and row["straightness"] >= 0.0
+        assert math.isfinite(row["1-step SW"]) and math.isfinite(row["test NLL"])
