@@ -138,3 +138,32 @@ def test_property_sweep(case):
             row = {"case": case.name, **tally, "seconds": round(time.perf_counter() - start, 1)}
             with open(report, "a") as fh:
                 fh.write(json.dumps({**row, "error": error}) + "\n")
+
+
+def summarize(paths: list[str]) -> str:
+    """Markdown table of cases run / failing per transform, summed over report files."""
+    rows: dict[str, dict] = {c.name: {"cases": 0, "failing": 0, "seconds": 0.0} for c in CASES}
+    errors: dict[str, str] = {}
+    for path in paths:
+        with open(path) as fh:
+            for line in fh:
+                r = json.loads(line)
+                acc = rows.setdefault(r["case"], {"cases": 0, "failing": 0, "seconds": 0.0})
+                for key in ("cases", "failing", "seconds"):
+                    acc[key] += r[key]
+                if r["error"]:
+                    errors.setdefault(r["case"], r["error"])
+    out = ["| transform | cases run | failing | wall time (s) |", "|---|---:|---:|---:|"]
+    for name, r in rows.items():
+        out.append(f"| {name} | {r['cases']:,} | {r['failing']} | {r['seconds']:.0f} |")
+    total = sum(r["cases"] for r in rows.values())
+    failing = sum(r["failing"] for r in rows.values())
+    out.append(f"| **all {len(rows)}** | **{total:,}** | **{failing}** | |")
+    out += [f"\nfirst error in {k}: `{v}`" for k, v in errors.items()]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(summarize(sys.argv[1:]))

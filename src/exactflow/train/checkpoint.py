@@ -54,21 +54,37 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _naming(err: OSError, path: Path) -> OSError:
+    # errors from the write carry no file name and those from mkstemp name the hidden temp
+    # file; the user should read the file they asked for (the errno, hence the subclass such
+    # as PermissionError, is kept)
+    return OSError(err.errno, err.strerror or str(err), str(path))
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + ``os.replace``)."""
+    """Write ``data`` to ``path`` atomically (temp file + fsync + ``os.replace``).
+
+    On failure (full disk, read-only directory) the previous file is untouched, the temporary
+    file is removed, and the ``OSError`` raised names ``path``.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _naming(err, path) from err
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(err, OSError):
+            raise _naming(err, path) from err
         raise
     _fsync_dir(path.parent)
 
