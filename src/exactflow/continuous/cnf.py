@@ -236,6 +236,69 @@ class TimeMLP(nn.Module):
                 h = self.act(h)
         return h
 
+    def forward_with_trace(
+        self, t: float, z: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(f, tr ∂f/∂z)`` with the Jacobian built by the chain rule, without autograd.
+
+        ``∂f/∂z = W_L A_{L-1} W_{L-1} ··· A_1 W_1`` where ``W_i`` is layer ``i``'s weight on
+        ``h`` (row-scaled by its time gate in ``"gate"`` mode) and ``A_i = diag(act'(pre_i))``;
+        it is carried as an ``(N, H_i, D)`` product, so this costs ``O(N D Σ H_i H_{i-1})``
+        and exports to ONNX (which has no autograd). Used by the export form of a CNF.
+
+        Shapes: ``t`` a Python float, ``z`` ``(N, D)``, ``context`` ``(N, C)``; returns
+        ``(N, D)`` and ``(N,)``.
+        """
+        c = z.new_full((z.shape[0], 1), float(t))
+        if self.context_features:
+            if context is None:
+                raise ContextError(
+                    f"these dynamics need a context of {self.context_features} features"
+                )
+            c = torch.cat([c, context], dim=-1)
+        h, jac = z, None
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            pre = layer(h, c)
+            # ∂pre/∂h = row_scale ⊙ W_h, the gate (a function of t and context only) scaling rows
+            w = layer.linear.weight[:, : h.shape[-1]]
+            scale = torch.sigmoid(layer.gate(c)) if layer.mode == "gate" else None
+            if i < last:
+                h = self.act(pre)
+                slope = _activation_slope(self.act, pre, h)
+                scale = slope if scale is None else slope * scale
+            else:
+                h = pre
+            if i == last:
+                # only the diagonal of the final Jacobian is needed: Σ_j s_j W_jk J_kj
+                inner = (
+                    torch.eye(w.shape[1], dtype=z.dtype, device=z.device) if jac is None else jac
+                )
+                prod = w.unsqueeze(0) * inner.transpose(-1, -2)  # (N|1, D, H): W_jk J_kj
+                diag = prod.sum(-1)
+                diag = diag if scale is None else diag * scale
+                trace = diag.expand(z.shape[0], -1).sum(-1)
+            else:
+                jac = w if jac is None else torch.matmul(w, jac)  # (H, D) or (N, H, D)
+                jac = jac if scale is None else scale.unsqueeze(-1) * jac
+        return h, trace
+
+
+def _activation_slope(act: nn.Module, pre: Tensor, out: Tensor) -> Tensor:
+    """``act'(pre)`` elementwise, given ``out = act(pre)`` (the activations of :class:`TimeMLP`)."""
+    if isinstance(act, nn.Tanh):
+        return 1.0 - out.square()
+    if isinstance(act, nn.Softplus):
+        # torch's softplus is linear above the threshold, so its slope there is exactly 1
+        scaled = act.beta * pre
+        return torch.where(scaled > act.threshold, torch.ones_like(pre), torch.sigmoid(scaled))
+    if isinstance(act, nn.SiLU):
+        sig = torch.sigmoid(pre)
+        return sig * (1.0 + pre * (1.0 - sig))
+    if isinstance(act, nn.ELU):
+        return torch.where(pre > 0, torch.ones_like(pre), out + act.alpha)
+    raise ConfigError(f"no analytic slope for activation {type(act).__name__}")
+
 
 # -- the transform -----------------------------------------------------------------------------
 
@@ -493,6 +556,30 @@ class CNF(Transform):
         return (
             f"solver={self.solver}, {step}, t1={self.t1:g}, trace={self.trace}, "
             f"probe={self.probe}, adjoint={self.adjoint}"
+        )
+
+    # -- export --------------------------------------------------------------------------------
+    def export_form(self, solver: str | None = None, steps: int | None = None) -> Transform:
+        """An export-safe equivalent: a fixed-step solve unrolled into plain tensor ops.
+
+        torchdiffeq's solvers branch on tensor values, and the exact trace needs autograd,
+        which ONNX lacks; the returned :class:`~exactflow.export.FixedStepCNF` runs ``steps``
+        steps of ``solver`` (``euler``, ``midpoint``, ``heun2`` or ``rk4``, same tableaux and
+        time grid as torchdiffeq) with the trace from the dynamics' ``forward_with_trace``
+        (analytic for :class:`TimeMLP`). Defaults: this CNF's solver and steps if it is one
+        of those, else ``rk4`` with :attr:`steps` steps.
+        """
+        from ..export import FixedStepCNF
+
+        if solver is None:
+            solver = self.solver if self.solver in FixedStepCNF.SOLVERS else "rk4"
+        return FixedStepCNF(
+            self.dynamics,
+            t1=self.t1,
+            solver=solver,
+            steps=self.steps if steps is None else steps,
+            context_features=self.context_features,
+            features=self.features,
         )
 
     # -- solving -------------------------------------------------------------------------------
