@@ -216,6 +216,7 @@ class TimeMLP(nn.Module):
         self.layers[-1].zero_output()
 
     def forward(self, t: Tensor | float, z: Tensor, context: Tensor | None = None) -> Tensor:
+        """``dz/dt`` ``(N, D)`` at the scalar time ``t`` and state ``z`` ``(N, D)``."""
         t = torch.as_tensor(t, dtype=z.dtype, device=z.device)
         c = t.reshape(1).expand(*z.shape[:-1], 1)
         if self.context_features:
@@ -526,6 +527,7 @@ class CNF(Transform):
 
     @property
     def nfe(self) -> dict[str, int]:
+        """``{"forward": nfe_forward, "backward": nfe_backward}``."""
         return {"forward": self.nfe_forward, "backward": self.nfe_backward}
 
     @property
