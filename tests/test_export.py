@@ -75,20 +75,42 @@ def test_conditional_log_prob_export(tmp_path):
     assert np.abs(got - flow.log_prob(x, c).detach().numpy()).max() < 1e-4
 
 
-def test_loads_in_fresh_process_without_torch(exported):
-    _, paths = exported
+def test_loads_in_fresh_process_without_torch(exported, tmp_path):
+    """Both exports run in a process that imported only numpy and onnxruntime, and give the
+    numbers PyTorch gives."""
+    flow, paths = exported
+    x = torch.randn(50, 3, generator=torch.Generator().manual_seed(3))
+    np.save(tmp_path / "x.npy", x.numpy())
     code = (
         "import sys, numpy as np, onnxruntime as ort\n"
-        "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
-        "out = s.run(None, {'x': np.zeros((4, 3), np.float32)})[0]\n"
-        "assert 'torch' not in sys.modules and 'exactflow' not in sys.modules\n"
-        "print(out.shape)\n"
+        "x = np.load(sys.argv[3])\n"
+        "lp = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
+        "sa = ort.InferenceSession(sys.argv[2], providers=['CPUExecutionProvider'])\n"
+        "np.save(sys.argv[4], lp.run(None, {'x': x})[0])\n"
+        "t = np.array(0.5, np.float32)\n"
+        "np.save(sys.argv[5], sa.run(None, {'noise': x, 'temperature': t})[0])\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'exactflow')))\n"
     )
+    files = [tmp_path / n for n in ("x.npy", "lp.npy", "s.npy")]
     res = subprocess.run(
-        [sys.executable, "-c", code, str(paths["log_prob"])], capture_output=True, text=True
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(paths["log_prob"]),
+            str(paths["sample"]),
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "(4,)"
+    assert res.stdout.strip() == "[]"  # neither torch nor exactflow was imported
+    with torch.no_grad():
+        ref_lp = flow.log_prob(x).numpy()
+        ref_s = flow.transform.inverse(0.5 * x)[0].numpy()
+    assert np.abs(np.load(files[1]) - ref_lp).max() < 1e-4
+    assert np.abs(np.load(files[2]) - ref_s).max() < 1e-4
 
 
 def test_unknown_target():
@@ -116,13 +138,19 @@ def _zoo(name: str):
         "nsf": lambda: models.NSF(ZOO_D, transforms=2, hidden=(32,)),
         "nsf-coupling": lambda: models.NSF(ZOO_D, transforms=2, hidden=(32,), autoregressive=False),
         "glow": lambda: models.Glow((1, 4, 4), levels=2, depth=2, hidden_channels=8),
+        # continuous flows export as the same fixed-step solve the PyTorch model runs
+        "ffjord": lambda: models.FFJORD(ZOO_D, hidden=(16,), solver="rk4", steps=2),
+        "cfm": lambda: models.CFM(ZOO_D, hidden=(16, 16), solver="rk4", steps=3),
     }[name]()
 
 
-# spline and Glow exports take 6-25 s each on 2 cores: kept out of the default run
-_SLOW = {"nsf", "nsf-coupling", "glow"}
-# measured: 1.1e-4 max |onnxruntime - torch| on 1,000 float32 log-probs (|log p| up to ~11),
-# just over the 1e-4 target; kept strict so a fix shows up
+# spline, Glow and flow-matching exports take 6-45 s each on 2 cores: out of the default run
+_SLOW = {"nsf", "nsf-coupling", "glow", "cfm"}
+# measured: 1.1e-4 max |onnxruntime - torch| on 1,000 float32 log-probs (|log p| up to ~11).
+# Cause: the spline knots B (2 cumsum(softmax) - 1) carry ~1e-6 float32 error near the box
+# centre, which 1/bin-width and the log-det's slope amplify; torch's own float32 log-probs are
+# 9.2e-5 from float64 here. Knots computed in float64 bring both errors to ~1.5e-5 (see
+# docs/guide/export.md); the fix belongs in splines.py. Kept strict so the fix shows up.
 _KNOWN = {
     ("nsf-coupling", "log_prob"): pytest.mark.xfail(
         strict=True, reason="float32 parity 1.1e-4 > 1e-4 at batch 1000 (measured)"
@@ -136,7 +164,7 @@ ZOO = [
         marks=([pytest.mark.slow] if n in _SLOW else [])
         + ([_KNOWN[n, w]] if (n, w) in _KNOWN else []),
     )
-    for n in ("realnvp", "nice", "maf", "iaf", "nsf", "nsf-coupling", "glow")
+    for n in ("realnvp", "nice", "maf", "iaf", "nsf", "nsf-coupling", "glow", "ffjord", "cfm")
     for w in ("log_prob", "sample")
 ]
 
@@ -160,3 +188,161 @@ def test_model_zoo_onnx_parity(name, what, tmp_path):
             got = session.run(None, feeds)[0]
         assert got.shape == ref.shape
         assert np.abs(got - ref).max() < 1e-4
+
+
+# -- continuous flows: the unrolled solve and the analytic trace ----------------------------------
+
+
+def _perturbed(module: torch.nn.Module, scale: float = 0.5) -> torch.nn.Module:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return module
+
+
+@pytest.mark.parametrize("time_mode", ["gate", "concat"])
+@pytest.mark.parametrize("context", [0, 2])
+def test_fixed_step_cnf_matches_torchdiffeq_in_float64(time_mode, context):
+    """Every solver, activation and both dynamics classes: the export form's state and log-det
+    (analytic trace) equal the torchdiffeq solve's (autograd trace) to float64 rounding."""
+    from exactflow.continuous import CNF, TimeMLP
+    from exactflow.export import FixedStepCNF
+    from exactflow.matching import VelocityMLP
+
+    torch.manual_seed(0)
+    for solver in FixedStepCNF.SOLVERS:
+        for act, cls in zip(("tanh", "softplus", "silu", "elu"), (TimeMLP, VelocityMLP) * 2):
+            dyn = _perturbed(cls(3, (8, 8), context, time=time_mode, activation=act))
+            cnf = CNF(dyn, solver=solver, steps=3, t1=0.7).double().eval()
+            frozen = export_form(cnf)
+            assert isinstance(frozen, FixedStepCNF) and frozen.solver == solver
+            x = torch.randn(5, 3, dtype=torch.float64)
+            c = torch.randn(5, context, dtype=torch.float64) if context else None
+            for direction in ("forward", "inverse"):
+                y_ref, l_ref = getattr(cnf, direction)(x, c)
+                y, ladj = getattr(frozen, direction)(x, c)
+                torch.testing.assert_close(y, y_ref.detach(), atol=1e-10, rtol=1e-10)
+                torch.testing.assert_close(ladj, l_ref.detach(), atol=1e-10, rtol=1e-10)
+
+
+def test_analytic_trace_matches_autograd_jacobian():
+    from exactflow.continuous import TimeMLP
+
+    torch.manual_seed(1)
+    dyn = _perturbed(TimeMLP(4, (16, 8, 16), 3, time="gate", activation="softplus")).double()
+    z, c = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    f, trace = dyn.forward_with_trace(0.3, z, c)
+    jac = torch.autograd.functional.jacobian(lambda v: dyn(0.3, v, c).sum(0), z)  # (D, N, D)
+    torch.testing.assert_close(f, dyn(0.3, z, c))
+    torch.testing.assert_close(trace, torch.diagonal(jac, dim1=0, dim2=2).sum(-1))
+
+
+def test_cnf_export_options_and_errors():
+    from exactflow.continuous import CNF, TimeMLP
+    from exactflow.export import FixedStepCNF
+
+    adaptive = ef.models.FFJORD(2, hidden=(8,))  # dopri5: exported as rk4 with its steps (20)
+    frozen = export_form(adaptive).transform
+    assert (frozen.solver, frozen.steps) == ("rk4", 20)
+    frozen = export_form(adaptive, solver="midpoint", steps=5).transform
+    assert (frozen.solver, frozen.steps) == ("midpoint", 5)
+    with pytest.raises(ConfigError, match="fixed-step one of euler, midpoint, heun2, rk4"):
+        export_form(adaptive, solver="dopri5")
+    with pytest.raises(TypeError, match="steps must be a Python int"):
+        export_form(adaptive, steps=torch.tensor(4))
+
+    class Custom(torch.nn.Module):
+        features = 2
+
+        def forward(self, t, z):
+            return -z
+
+    with pytest.raises(ConfigError, match="forward_with_trace"):
+        export_form(CNF(Custom()))
+    assert isinstance(export_form(CNF(TimeMLP(2, (4,)))), FixedStepCNF)
+
+
+def test_whiten_export_form_is_equivalent():
+    from exactflow.data.preprocessing import Whiten
+
+    a = torch.randn(3, 3, dtype=torch.float64)
+    tril = torch.linalg.cholesky(a @ a.T + torch.eye(3, dtype=torch.float64))
+    w = Whiten(torch.randn(3, dtype=torch.float64), tril)
+    frozen = export_form(w)
+    assert not isinstance(frozen, Whiten)
+    x = torch.randn(7, 3, dtype=torch.float64)
+    for direction in ("forward", "inverse"):
+        torch.testing.assert_close(getattr(frozen, direction)(x), getattr(w, direction)(x))
+
+
+# -- command line: export a trained run, score a file with onnxruntime ------------------------------
+TINY_RUN = """
+model = "maf"
+[model_args]
+transforms = 2
+hidden = [16]
+[train]
+steps = 20
+batch_size = 64
+eval_every = 10
+progress = false
+"""
+
+
+def test_cli_export_and_score_match_eval_in_data_space(tmp_path, capsys):
+    """A MAF trained on a shifted, scaled, correlated table (whitened before the flow):
+    scoring raw rows with the exported file gives the run's own log p per row, and their
+    mean is ``exactflow eval``'s NLL."""
+    import json
+
+    from exactflow.cli import main
+    from exactflow.train.run import load_run
+
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(400, 3)) @ np.array([[2, 0, 0], [1, 3, 0], [0, 0.5, 0.2]])
+    rows += np.array([10.0, -5.0, 100.0])
+    data = tmp_path / "d.csv"
+    np.savetxt(data, rows, delimiter=",", header="a,b,c", comments="")
+    (tmp_path / "run.toml").write_text(TINY_RUN)
+    run, model = tmp_path / "run", tmp_path / "m.onnx"
+    argv = ["train", "--data", data, "--config", tmp_path / "run.toml", "--out", run]
+    assert main([str(a) for a in [*argv, "--quiet", "--no-plots"]]) == 0
+    assert main(["export", str(run), "--out", str(model)]) == 0
+    assert "log_prob (N,) in nats of the original data space" in capsys.readouterr().out
+    scores = tmp_path / "s.npy"
+    assert main(["score", str(model), str(data), "--out", str(scores)]) == 0
+    got = np.load(scores)
+    flow = load_run(run).flow
+    with torch.no_grad():
+        ref = flow.log_prob(torch.from_numpy(rows).float()).numpy()
+    assert got.shape == (400,) and np.abs(got - ref).max() < 1e-4
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", str(data)]) == 0
+    nll = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["nll"]
+    assert -got.mean() == pytest.approx(nll, abs=1e-4)
+
+    # the sampler maps base noise to data units (the whitening undone in the graph)
+    sampler = tmp_path / "s.onnx"
+    assert main(["export", str(run), "--what", "sample", "--out", str(sampler)]) == 0
+    noise = torch.randn(30, 3, generator=torch.Generator().manual_seed(0))
+    feeds = {"noise": noise.numpy(), "temperature": np.array(1.0, np.float32)}
+    x = load_onnx(sampler).run(None, feeds)[0]
+    with torch.no_grad():
+        assert np.abs(x - flow.transform.inverse(noise)[0].numpy()).max() < 1e-4
+
+    # bad input: one line on stderr, exit code 2
+    narrow = tmp_path / "narrow.npy"
+    np.save(narrow, rows[:, :2])
+    capsys.readouterr()
+    for argv, message in [
+        (["score", str(tmp_path / "none.onnx"), str(data)], "no such ONNX file"),
+        (["score", str(model), str(tmp_path / "none.csv")], "no such file"),
+        (["score", str(model), str(narrow)], "rows have 2 columns but the model expects 3"),
+        (["score", str(sampler), str(data)], "needs an unconditional log_prob export"),
+        (["score", str(data), str(data)], "not a loadable ONNX model"),
+        (["export", str(run), "--out", str(model)], "exists; pass --force"),
+    ]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert "Traceback" not in err and len(err.splitlines()) == 1, err
+        assert message in err
