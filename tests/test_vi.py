@@ -1,18 +1,24 @@
+import itertools
 import math
 
 import pytest
 import torch
 
-from exactflow.errors import ConfigError, ShapeError
+from exactflow.distributions import DiagGaussian, StandardNormal
+from exactflow.errors import ConfigError, ContextError, ShapeError
 from exactflow.models import IAF, NSF, Planar, Radial
+from exactflow.transforms import Inverse
+from exactflow.transforms import Planar as PlanarLayer
 from exactflow.vi import (
     TARGETS,
+    _lr_factor,
     energy_u1,
     energy_u2,
     energy_u3,
     energy_u4,
     evaluate_vi,
     fit_vi,
+    learnable_base,
     log_z_grid,
     plot_vi,
 )
@@ -110,12 +116,70 @@ def test_bad_arguments_and_plot(tmp_path):
     flow = Planar(2, 2, for_sampling=True)
     with pytest.raises(ConfigError, match="unknown target 'U5'"):
         fit_vi(flow, "U5")
-    with pytest.raises(ConfigError, match="steps must be a positive int"):
+    with pytest.raises(ConfigError, match="steps must be an int >= 1, got 0"):
         fit_vi(flow, "U1", steps=0)
+    with pytest.raises(ConfigError, match="warmup must be shorter than steps"):
+        fit_vi(flow, "U1", steps=10, warmup=10)
     with pytest.raises(TypeError, match="callable"):
         fit_vi(flow, 3.0)
     plot_vi({"planar": flow}, "U2", tmp_path / "vi.png", n=40)
     assert (tmp_path / "vi.png").stat().st_size > 1000
+
+
+def test_lr_schedule_warms_up_then_decays_by_cosine():
+    f = [_lr_factor(s, 100, 10) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0) and f[-1] == pytest.approx(0.01)
+    assert all(a >= b for a, b in itertools.pairwise(f[9:]))
+    assert _lr_factor(0, 50, 0) == pytest.approx(1.0)
+
+
+def test_fresh_planar_stack_starts_near_the_identity():
+    # the paper's m(a) = -1 + softplus(a) gives w.u_hat = -0.31 at init: 32 layers would
+    # start q at log-det ~ 32 log(0.69) = -12 (and collapse VI onto one mode of U1)
+    torch.manual_seed(0)
+    flow = Planar(2, 32, for_sampling=True)
+    z, log_q = flow.sample_and_log_prob(2000, generator=torch.Generator().manual_seed(0))
+    log_base = StandardNormal((2,)).log_prob(z)
+    assert (log_q - log_base).abs().mean() < 0.5
+
+
+def test_learnable_base_keeps_the_transform_and_starts_at_the_same_q():
+    torch.manual_seed(0)
+    flow = Planar(2, 4, for_sampling=True)
+    q = learnable_base(flow)
+    assert isinstance(q.base, DiagGaussian) and q.transform is flow.transform
+    z = torch.randn(50, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(q.log_prob(z), flow.log_prob(z))
+    names = {n for n, _ in q.named_parameters()}
+    assert {"base.loc", "base.log_scale"} <= names
+    with pytest.raises(TypeError, match="exactflow Flow"):
+        learnable_base(flow.transform)
+    with pytest.raises(ConfigError, match="unconditional"):
+        learnable_base(Planar(2, 2, context=3))
+
+
+def test_amortised_planar_starts_context_free_then_depends_on_context():
+    torch.manual_seed(0)
+    layer = Inverse(PlanarLayer(2, context_features=3))
+    plain = Inverse(PlanarLayer(2))
+    plain.load_state_dict({k: v for k, v in layer.state_dict().items() if "amortise" not in k})
+    z, c = torch.randn(6, 2), torch.randn(6, 3)
+    x0, l0 = plain(z)
+    x1, l1 = layer(z, c)
+    torch.testing.assert_close(x1, x0)  # A = 0: every context gets the shared layer
+    torch.testing.assert_close(l1, l0)
+    with torch.no_grad():
+        layer.transform.amortise.weight.normal_()
+    x2, _ = layer(z, c)
+    assert not torch.allclose(x2, x0)
+    with pytest.raises(ContextError, match="needs a context of shape \\(\\*batch, 3\\)"):
+        layer(z)
+    with pytest.raises(ContextError, match="got \\(6, 2\\)"):
+        layer(z, c[:, :2])
+    with pytest.raises(ValueError, match="context_features must be >= 0"):
+        PlanarLayer(2, context_features=-1)
 
 
 @pytest.mark.slow

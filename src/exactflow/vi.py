@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .distributions import DiagGaussian
 from .errors import ConfigError, ShapeError
 from .flow import Flow
 
@@ -40,6 +41,7 @@ __all__ = [
     "energy_u4",
     "evaluate_vi",
     "fit_vi",
+    "learnable_base",
     "log_z_grid",
     "plot_vi",
 ]
@@ -138,6 +140,25 @@ def _resolve(target: str | LogDensity) -> LogDensity:
     return target
 
 
+def learnable_base(flow: Flow) -> Flow:
+    """The same transform on a :class:`~exactflow.distributions.DiagGaussian` base with
+    learnable mean and per-dimension scale, starting at ``N(0, I)``.
+
+    In VI the base's location and width are the cheapest thing for q to adjust (a target far
+    wider than N(0, I) would otherwise have to be stretched by every layer).
+    ``flow`` must be unconditional with a vector event shape; its transform is shared.
+    """
+    if not isinstance(flow, Flow):
+        raise TypeError(f"flow must be an exactflow Flow, got {type(flow).__name__}")
+    if flow.context_features:
+        raise ConfigError(
+            f"learnable_base takes an unconditional flow, got context_features="
+            f"{flow.context_features}"
+        )
+    base = DiagGaussian(flow.event_shape).to(dtype=flow.dtype, device=flow.device)
+    return Flow(flow.transform, base, validate=flow.validate)
+
+
 # -- quadrature reference -----------------------------------------------------------------------
 @torch.no_grad()
 def log_z_grid(target: str | LogDensity, lim: float = 8.0, n: int = 1201) -> float:
@@ -227,12 +248,21 @@ def evaluate_vi(
     return VIResult(elbo, elbo_se, log_z, log_z_se, ess, m)
 
 
+def _lr_factor(step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then a cosine from 1 down to 0.01."""
+    if step < warmup:
+        return (step + 1) / warmup
+    frac = (step - warmup) / max(1, steps - 1 - warmup)
+    return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
 def fit_vi(
     flow: Flow,
     target: str | LogDensity,
     steps: int = 5000,
     batch_size: int = 256,
     lr: float = 3e-3,
+    warmup: int = 0,
     anneal: int = 0,
     clip_norm: float = 10.0,
     eval_samples: int = 100_000,
@@ -245,9 +275,11 @@ def fit_vi(
     Args:
         flow: the variational family q (must sample with reparameterisation).
         target: ``z -> log p~(z)`` (batch-shaped output) or a :data:`TARGETS` name.
-        steps: Adam steps (cosine-decayed learning rate).
+        steps: Adam steps.
         batch_size: samples per step.
-        lr: peak learning rate.
+        lr: peak learning rate: reached linearly over ``warmup`` steps, then cosine-decayed
+            to ``lr / 100`` at the last step.
+        warmup: learning-rate warm-up steps (0 = none).
         anneal: steps over which the inverse temperature ``beta`` rises linearly from 0.01
             to 1 (Rezende & Mohamed's annealing, helps cover several modes); 0 = off.
         clip_norm: gradient-norm clip (0 = none).
@@ -262,13 +294,17 @@ def fit_vi(
     fn = _resolve(target)
     if not isinstance(flow, Flow):
         raise TypeError(f"flow must be an exactflow Flow, got {type(flow).__name__}")
-    for name, value in (
-        ("steps", steps),
-        ("batch_size", batch_size),
-        ("eval_samples", eval_samples),
+    for name, value, least in (
+        ("steps", steps, 1),
+        ("batch_size", batch_size, 1),
+        ("eval_samples", eval_samples, 2),
+        ("warmup", warmup, 0),
+        ("anneal", anneal, 0),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"{name} must be an int >= {least}, got {value!r}")
+    if warmup >= steps:
+        raise ConfigError(f"warmup must be shorter than steps, got warmup={warmup}, steps={steps}")
     if not (lr > 0 and math.isfinite(lr)):
         raise ConfigError(f"lr must be a positive number, got {lr!r}")
     g = torch.Generator(device=flow.device).manual_seed(int(seed))
@@ -279,7 +315,7 @@ def fit_vi(
     flow.train()
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * step / steps)))
+            group["lr"] = lr * _lr_factor(step, steps, warmup)
         beta = min(1.0, 0.01 + step / anneal) if anneal > 0 else 1.0
         z, log_q = flow.sample_and_log_prob(batch_size, context=context, generator=g)
         loss = (log_q - beta * fn(z)).mean()
