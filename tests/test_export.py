@@ -235,6 +235,11 @@ def test_analytic_trace_matches_autograd_jacobian():
     jac = torch.autograd.functional.jacobian(lambda v: dyn(0.3, v, c).sum(0), z)  # (D, N, D)
     torch.testing.assert_close(f, dyn(0.3, z, c))
     torch.testing.assert_close(trace, torch.diagonal(jac, dim1=0, dim2=2).sum(-1))
+    linear = _perturbed(TimeMLP(3, (), time="concat")).double()  # no hidden layer
+    z = torch.randn(4, 3, dtype=torch.float64)
+    trace = linear.forward_with_trace(0.5, z, None)[1]
+    expected = linear.layers[0].linear.weight[:, :3].diagonal().sum()
+    torch.testing.assert_close(trace, expected.expand(4))
 
 
 def test_cnf_export_options_and_errors():

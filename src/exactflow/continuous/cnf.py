@@ -257,6 +257,8 @@ class TimeMLP(nn.Module):
                     f"these dynamics need a context of {self.context_features} features"
                 )
             c = torch.cat([c, context], dim=-1)
+        # the Jacobian is carried transposed, jac[n, d, j] = ∂h_j/∂z_d, so each layer is one
+        # (N·D, H_in) @ (H_in, H_out) matmul rather than N small ones
         h, jac = z, None
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
@@ -271,17 +273,15 @@ class TimeMLP(nn.Module):
             else:
                 h = pre
             if i == last:
-                # only the diagonal of the final Jacobian is needed: Σ_j s_j W_jk J_kj
-                inner = (
-                    torch.eye(w.shape[1], dtype=z.dtype, device=z.device) if jac is None else jac
-                )
-                prod = w.unsqueeze(0) * inner.transpose(-1, -2)  # (N|1, D, H): W_jk J_kj
-                diag = prod.sum(-1)
+                # only the diagonal is needed: Σ_k W_dk jac[n, d, k] for each output d
+                if jac is None:  # no hidden layer: ∂f/∂z is the (gated) weight itself
+                    jac = torch.eye(w.shape[0], dtype=z.dtype, device=z.device)
+                diag = (jac * w).sum(-1)  # (D,) or (N, D)
                 diag = diag if scale is None else diag * scale
                 trace = diag.expand(z.shape[0], -1).sum(-1)
             else:
-                jac = w if jac is None else torch.matmul(w, jac)  # (H, D) or (N, H, D)
-                jac = jac if scale is None else scale.unsqueeze(-1) * jac
+                jac = w.T if jac is None else torch.matmul(jac, w.T)  # (D, H) or (N, D, H)
+                jac = jac if scale is None else scale.unsqueeze(-2) * jac
         return h, trace
 
 
