@@ -78,15 +78,23 @@ def test_iaf_fits_a_gaussian_target_and_estimates_log_z():
     assert res.ess > 0.9 and len(res.losses) == 400
 
 
-def test_planar_vi_on_u1_improves_and_stays_a_lower_bound():
+def test_planar_vi_on_u1_covers_both_lobes_and_stays_a_lower_bound():
+    # U1's lobes are mirror images: a q on one lobe has gap log 2 = 0.69 at best. With the
+    # paper's unshifted m, this run ends on one lobe for seeds 0, 1, 2 (measured: 0%, 100%,
+    # 0% of samples right of the axis; gaps 0.84, 0.92, 0.76)
     log_z = log_z_grid("U1", lim=6.0, n=601)
     torch.manual_seed(0)
-    flow = Planar(2, transforms=8, for_sampling=True)
+    flow = learnable_base(Planar(2, transforms=16, for_sampling=True))
     g = torch.Generator().manual_seed(3)
     before = evaluate_vi(flow, "U1", n=20000, generator=g)
-    res = fit_vi(flow, "U1", steps=150, lr=2e-2, eval_samples=20000, seed=0)
+    res = fit_vi(
+        flow, "U1", steps=300, anneal=150, warmup=20, batch_size=128, lr=1e-2, eval_samples=20000
+    )
+    with torch.no_grad():
+        z = flow.sample(4000, generator=g)
+    assert 0.3 < float((z[:, 0] > 0).float().mean()) < 0.7
     assert res.elbo > before.elbo + 1.0
-    assert res.elbo <= log_z + 3 * res.elbo_se
+    assert log_z - 0.65 < res.elbo <= log_z + 3 * res.elbo_se
     assert res.log_z <= log_z + 5 * res.log_z_se + 0.05  # IS is unbiased for Z, not log Z
 
 
