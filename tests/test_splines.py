@@ -24,6 +24,10 @@ MAPS = {
     "cubic": lambda: CubicSpline(bins=8, bound=BOUND),
 }
 KINDS = pytest.mark.parametrize("kind", list(MAPS))
+ALL_MAPS = {
+    **MAPS,
+    "rq-free": lambda: RationalQuadraticSpline(bins=8, bound=BOUND, derivatives="free"),
+}
 
 
 def knot_positions(m, params: torch.Tensor, outputs: bool) -> torch.Tensor:
@@ -60,12 +64,12 @@ def hard_inputs(m, params: torch.Tensor, outputs: bool, g: torch.Generator) -> t
     return x
 
 
-@KINDS
+@pytest.mark.parametrize("kind", list(ALL_MAPS))
 @pytest.mark.parametrize("direction", ["forward", "inverse"])
 def test_finite_everywhere_float32(kind, direction):
     """10^4 float32 inputs incl. tails, knots, +-B and +-1e6 with params up to +-50:
     outputs, log-dets and gradients w.r.t. inputs and params are all finite."""
-    m = MAPS[kind]()
+    m = ALL_MAPS[kind]()
     g = torch.Generator().manual_seed(0 if direction == "forward" else 1)
     n = 10_000
     params = extreme_params(n, m.num_params, g).requires_grad_(True)
@@ -86,31 +90,39 @@ def test_finite_everywhere_float32(kind, direction):
 
 
 @KINDS
-def test_round_trip_float32_extreme(kind):
-    """Round trips inside the box, float32, extreme params. Where the map is flat (dy/dx
-    ~ 1e-6) one float32 step in y spans a visible step in x, so the error is scaled by
-    the local conditioning: |x' - x| min(1, f'(x)) and |z' - z| min(1, 1 / f'(x))."""
+@pytest.mark.parametrize("bound", [3.0, 5.0])
+def test_round_trip_float32_extreme(kind, bound):
+    """Round trips inside the box in float32 with extreme params (issue #3): both
+    x -> z -> x and z -> x -> z within 1e-4 everywhere, because the default parameterisation
+    keeps the slope in the box within [0.0116, 86] at K = 8 (see default_min_size)."""
     m = MAPS[kind]()
+    m.bound = bound
     g = torch.Generator().manual_seed(2)
     n = 10_000
     params = extreme_params(n, m.num_params, g)
     x = hard_inputs(m, params, False, g)
     x = torch.where(x.abs() <= m.bound, x, x / 1e6)
     y, ld = m.forward(x, params)
+    assert ld.exp().min() > 0.011 and ld.exp().max() < 90.0
     x2, _ = m.inverse(y, params)
-    deriv = ld.double().exp()
-    err_x = (x2 - x).abs().double()
-    assert (err_x * deriv.clamp(max=1.0)).max() < 2e-5
-    well = ld > math.log(1e-2)
-    assert well.float().mean() > 0.3
-    assert err_x[well].max() < 1e-4
-    # the other way round: noise -> data -> noise
+    assert (x2 - x).abs().max() < 1e-4
     z = (2.0 * torch.rand(n, generator=g) - 1.0) * m.bound
     xz, _ = m.inverse(z, params)
-    z2, ldz = m.forward(xz, params)
-    err_z = (z2 - z).abs().double()
-    assert (err_z * (-ldz.double()).exp().clamp(max=1.0)).max() < 2e-5
-    assert err_z[(ldz.abs() < math.log(1e2))].max() < 1e-4
+    z2, _ = m.forward(xz, params)
+    assert (z2 - z).abs().max() < 1e-4
+
+
+def test_free_derivatives_are_finite_but_can_be_flat():
+    """The paper's free knot derivatives stay finite at extreme params, but the map can
+    be so flat (slope < 1e-5) that float32 cannot invert it: why "bounded" is the default."""
+    m = RationalQuadraticSpline(bins=8, bound=BOUND, derivatives="free")
+    g = torch.Generator().manual_seed(2)
+    params = extreme_params(10_000, m.num_params, g)
+    x = hard_inputs(m, params, False, g)
+    y, ld = m.forward(x, params)
+    x2, _ = m.inverse(y, params)
+    assert torch.isfinite(y).all() and torch.isfinite(ld).all() and torch.isfinite(x2).all()
+    assert ld.exp().min() < 1e-5
 
 
 @KINDS
