@@ -173,7 +173,14 @@ CASES: list[Case] = [
         roundtrip_tol=1e-6,
         ladj_tol=1e-6,
     ),
-    Case("cnf-fixed-step", lambda s, c: FixedStepCNF(TimeMLP(s[0], (8,), c), t1=0.5, steps=10, context_features=c), context=True, shapes=((3,),), roundtrip_tol=1e-6, ladj_tol=1e-6),  # fmt: skip
+    Case(
+        "cnf-fixed-step",
+        lambda s, c: FixedStepCNF(TimeMLP(s[0], (8,), c), t1=0.5, steps=10, context_features=c),
+        context=True,
+        shapes=((3,),),
+        roundtrip_tol=1e-6,
+        ladj_tol=1e-6,
+    ),
 ]
 
 CASES += image_registry_cases(Case)  # image transforms (transforms/image.py)
