@@ -8,7 +8,9 @@ JSON line per fit, then a summary table (gap = log Z - ELBO, mean ± s.d. over s
 
     nice -n 19 python benchmarks/vi.py [--targets U1 U2 U3 U4] [--seeds 0 1 2]
         [--flows planar nsf] [--planar-steps 3000] [--nsf-steps 2000] [--out docs]
-        [--results vi.jsonl]
+        [--results vi.jsonl] [--save states/]
+    nice -n 19 python benchmarks/vi.py --plot-only --save states/   # figures from saved q's
+    python benchmarks/vi.py --summarise vi.jsonl                     # table over all fits
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 
 from exactflow.models import NSF, Planar
-from exactflow.vi import fit_vi, learnable_base, log_z_grid, plot_vi
+from exactflow.vi import evaluate_vi, fit_vi, learnable_base, log_z_grid, plot_vi
 
 
 def build(kind: str) -> torch.nn.Module:
@@ -54,7 +56,28 @@ def main() -> None:
         default=None,
         help="only print the table of a --results file (fits split over several processes)",
     )
+    p.add_argument("--save", default=None, help="folder for each fitted q's state dict")
+    p.add_argument(
+        "--plot-only",
+        action="store_true",
+        help="no fitting: plot the first seed's q's from the --save folder",
+    )
     args = p.parse_args()
+    if args.plot_only:
+        torch.set_num_threads(args.threads)
+        for name in args.targets:
+            flows = {}
+            log_z = log_z_grid(name)
+            for kind in args.flows:
+                flow = build(kind)
+                path = Path(args.save) / f"{name}_{kind}_{args.seeds[0]}.pt"
+                flow.load_state_dict(torch.load(path, weights_only=True))
+                res = evaluate_vi(
+                    flow, name, args.eval_samples, generator=torch.Generator().manual_seed(0)
+                )
+                flows[f"{LABELS[kind]}\nELBO {res.elbo:.3f} (log Z {log_z:.3f})"] = flow
+            plot_vi(flows, name, Path(args.out) / f"vi_{name}.png", n=150, title=name)
+        return
     if args.summarise:
         with open(args.summarise, encoding="utf-8") as fh:
             rows = [json.loads(line) for line in fh if line.strip()]
@@ -96,6 +119,9 @@ def main() -> None:
                     with open(args.results, "a", encoding="utf-8") as fh:
                         fh.write(json.dumps(row) + "\n")
                 rows.append(row)
+                if args.save:
+                    Path(args.save).mkdir(parents=True, exist_ok=True)
+                    torch.save(flow.state_dict(), Path(args.save) / f"{name}_{kind}_{seed}.pt")
                 if seed == args.seeds[0]:
                     flows[f"{LABELS[kind]}\nELBO {res.elbo:.3f} (log Z {log_z:.3f})"] = flow
         if args.out:
