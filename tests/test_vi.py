@@ -190,12 +190,29 @@ def test_amortised_planar_starts_context_free_then_depends_on_context():
         PlanarLayer(2, context_features=-1)
 
 
+# issue 8's acceptance point at the configuration of benchmarks/vi.py (seed 0); measured gaps
+# for three seeds, and why some stay above 0.1, are in docs/guide/vi.md
+ACCEPTANCE = {
+    "planar": (lambda: Planar(2, 32, for_sampling=True), {"steps": 3000, "lr": 5e-3}),
+    "nsf": (lambda: NSF(2, transforms=4, hidden=(32, 32)), {"steps": 2000, "lr": 3e-3}),
+}
+SHORT_OF_TARGET: set[tuple[str, str]] = set()
+
+
 @pytest.mark.slow
-def test_nsf_reaches_log_z_of_u1_within_a_tenth_of_a_nat():
-    # the configuration of benchmarks/vi.py (measured gap there: 0.02 nats)
-    log_z = log_z_grid("U1")
+@pytest.mark.parametrize("flow_name", list(ACCEPTANCE))
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_elbo_within_a_tenth_of_a_nat_of_log_z(target, flow_name, request):
+    if (target, flow_name) in SHORT_OF_TARGET:
+        request.applymarker(
+            pytest.mark.xfail(strict=True, reason="measured short of 0.1 (docs/guide/vi.md)")
+        )
+    log_z = log_z_grid(target)  # quadrature on a 1201^2 grid over [-8, 8]^2
+    build, kwargs = ACCEPTANCE[flow_name]
     torch.manual_seed(0)
-    flow = NSF(2, transforms=4, hidden=(32, 32))
-    res = fit_vi(flow, "U1", steps=500, lr=3e-3, anneal=400, eval_samples=50000)
-    assert log_z - 0.1 < res.elbo <= log_z + 3 * res.elbo_se
-    assert abs(res.log_z - log_z) < 0.02
+    flow = learnable_base(build())
+    flow.validate = False
+    res = fit_vi(flow, target, batch_size=256, warmup=100, anneal=1000, seed=0, **kwargs)
+    assert res.elbo_se < 0.005  # 10^5 samples: the 0.1 criterion is not a matter of noise
+    assert res.elbo <= log_z + 3 * res.elbo_se
+    assert log_z - res.elbo < 0.1

@@ -7,8 +7,8 @@ reparameterised samples from :meth:`exactflow.Flow.sample_and_log_prob`, so the 
 cheap in its sampling direction (``Planar(..., for_sampling=True)``, ``Radial(...,
 for_sampling=True)``, ``IAF``, or a 2-D ``NSF``/``MAF`` whose inversion takes D passes).
 
-    flow = exactflow.models.Planar(2, 32, for_sampling=True)
-    result = fit_vi(flow, TARGETS["U1"], steps=4000)
+    flow = learnable_base(exactflow.models.Planar(2, 32, for_sampling=True))
+    result = fit_vi(flow, "U1", steps=3000, lr=5e-3, warmup=100, anneal=1000)
     result.elbo, result.log_z, result.log_z_se       # ELBO <= log Z, IS estimate of log Z
     log_z_grid(TARGETS["U1"])                         # reference by quadrature (2-D)
 
