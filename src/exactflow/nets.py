@@ -297,7 +297,9 @@ class MADE(nn.Module):
         h = x
         last = self.n_layers - 1
         for i in range(self.n_layers):
-            w = self.weights[i] * self._mask(i).to(self.weights[i].dtype)
+            # where, not a product: a masked position's gradient can overflow to inf when the
+            # inputs are huge, and inf * 0 would put NaN into the weights' gradient
+            w = torch.where(self._mask(i) != 0, self.weights[i], 0.0)
             h = F.linear(h, w, self.biases[i])
             if i < last:
                 if self.context_features:
