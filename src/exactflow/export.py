@@ -22,6 +22,7 @@ import itertools
 import logging
 import math
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -53,9 +54,10 @@ def _replace(module: nn.Module, options: dict) -> nn.Module:
     if callable(method):
         accepted = inspect.signature(method).parameters
         return method(**{k: v for k, v in options.items() if k in accepted})
-    from .data.preprocessing import Whiten
-
-    if isinstance(module, Whiten):
+    # a Whiten can only exist once its module is loaded; importing the data package here
+    # would make export depend on the training extras
+    pre = sys.modules.get(f"{__package__}.data.preprocessing")
+    if pre is not None and isinstance(module, pre.Whiten):
         return _FrozenWhiten(module)
     for name, child in list(module.named_children()):
         setattr(module, name, _replace(child, options))
@@ -64,7 +66,8 @@ def _replace(module: nn.Module, options: dict) -> nn.Module:
 
 class _FrozenWhiten(Transform):
     """:class:`~exactflow.data.preprocessing.Whiten` with ``L^{-1}`` precomputed, since ONNX
-    has no triangular solve: ``z = (x - mean) L^{-T}``-style matmuls and a constant log-det."""
+    has no triangular solve: rows map as ``z = (x - mean) L^{-T}``, ``x = z L^T + mean``, with
+    the constant log-det ``∓ Σ log diag L``."""
 
     event_dim = 1
 
