@@ -6,8 +6,9 @@ For each model (RealNVP, MAF, NSF on D-dimensional vectors; Glow on images) and 
 * eager: the flow's own ``log_prob`` / ``transform.inverse`` under ``torch.inference_mode``;
 * compile: the same function through ``torch.compile`` (inductor, static shapes, compiled and
   warmed up before timing; the compile time is reported separately);
-* onnx: the file written by :func:`exactflow.export.to_onnx`, run by onnxruntime's CPU
-  provider with the same number of intra-op threads as torch.
+* onnx: the file written by :func:`exactflow.export.to_onnx` (batch-dynamic, so one export
+  per model and task), run by onnxruntime's CPU provider with the same number of intra-op
+  threads as torch.
 
 Each entry is the median over ``--runs`` (>= 5) timed runs of the per-call wall time, one run
 being as many back-to-back calls as fit in ``--target`` seconds. The ratios are eager time
@@ -91,7 +92,8 @@ def contenders(flow, task: str, x: torch.Tensor, path: Path, threads: int):
         compiled(x)
     setup["compile_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    to_onnx(flow, path, what="sample" if task == "sample" else "log_prob")
+    if not path.exists():  # batch-dynamic: one file per model and task serves every batch
+        to_onnx(flow, path, what="sample" if task == "sample" else "log_prob")
     setup["export_s"] = time.perf_counter() - t0
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -112,16 +114,19 @@ def contenders(flow, task: str, x: torch.Tensor, path: Path, threads: int):
     return {"eager": run_eager, "compile": run_compiled, "onnx": run_onnx}, setup
 
 
-def bench(names, tasks, batches, runs: int, target: float, threads: int) -> list[dict]:
+def bench(
+    names, tasks, batches, runs: int, target: float, threads: int, cache: Path | None
+) -> list[dict]:
     rows = []
-    tmp = Path(tempfile.mkdtemp(prefix="exactflow-inference-"))
+    tmp = cache or Path(tempfile.mkdtemp(prefix="exactflow-inference-"))
+    tmp.mkdir(parents=True, exist_ok=True)
     for name in names:
         flow = build(name)
         for task in tasks:
             for batch in batches:
                 g = torch.Generator().manual_seed(batch)
                 x = torch.randn(batch, *flow.event_shape, generator=g)
-                fns, setup = contenders(flow, task, x, tmp / f"{name}-{task}-{batch}.onnx", threads)
+                fns, setup = contenders(flow, task, x, tmp / f"{name}-{task}.onnx", threads)
                 ref = fns["eager"]().numpy()
                 diff = {
                     k: float(np.abs(np.asarray(fns[k]()) - ref).max()) for k in ("compile", "onnx")
@@ -177,6 +182,9 @@ def main() -> None:
     p.add_argument("--target", type=float, default=0.2, help="seconds per timed run")
     p.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads")
     p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument(
+        "--cache", type=Path, help="keep the .onnx files here and reuse them (same seeds/sizes)"
+    )
     args = p.parse_args()
     if args.runs < 5:
         p.error("--runs must be >= 5 (the table reports medians of at least 5)")
@@ -188,7 +196,9 @@ def main() -> None:
         f"vector D={D}, Glow image {IMAGE}, median of {args.runs} runs",
         flush=True,
     )
-    rows = bench(args.models, args.tasks, args.batches, args.runs, args.target, args.threads)
+    rows = bench(
+        args.models, args.tasks, args.batches, args.runs, args.target, args.threads, args.cache
+    )
     print()
     print(table(rows))
     if args.json:
