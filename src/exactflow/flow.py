@@ -113,9 +113,12 @@ class Flow(nn.Module):
                 f"{name} has an empty batch, shape {_shape_str(tuple(x.shape))}; "
                 "pass at least one sample"
             )
-        if not torch.isfinite(x).all():
+        # one reduction on the common path: the sum of finite values is finite unless it
+        # overflows, so only a non-finite sum pays for the elementwise count
+        if not torch.isfinite(x.sum()):
             bad = int((~torch.isfinite(x)).sum())
-            raise DomainError(f"{name} contains {bad} non-finite value(s) (NaN or inf)")
+            if bad:
+                raise DomainError(f"{name} contains {bad} non-finite value(s) (NaN or inf)")
         return x
 
     def _context(self, context, batch_shape: tuple[int, ...]) -> Tensor | None:
@@ -155,7 +158,8 @@ class Flow(nn.Module):
         if self.validate:
             if not context.is_floating_point() or context.dtype != self.dtype:
                 raise DTypeError(f"context must have dtype {self.dtype}, got {context.dtype}")
-            if not torch.isfinite(context).all():
+            # cheap sum check first, as for x in _as_input
+            if not torch.isfinite(context.sum()) and not torch.isfinite(context).all():
                 raise DomainError("context contains non-finite value(s) (NaN or inf)")
         return context
 
