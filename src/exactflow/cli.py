@@ -306,6 +306,16 @@ def _cmd_export(args) -> int:
     print(f"wrote {out}: {io}")
     if run.data_meta.get("levels") is not None:
         print("note: discrete data: x is the dequantised value (integer levels + U[0, 1) noise)")
+    from .continuous import ADAPTIVE_SOLVERS, CNF
+
+    for m in run.flow.modules():
+        if isinstance(m, CNF) and m.solver in ADAPTIVE_SOLVERS and args.solver is None:
+            steps = m.steps if args.steps is None else args.steps
+            print(
+                f"note: the model's adaptive {m.solver} solve is exported as rk4 with {steps} "
+                "fixed steps (choose with --solver/--steps)"
+            )
+            break
     return 0
 
 
