@@ -1,12 +1,18 @@
 """FFJORD with and without RNODE regularisation on 2-D toy densities.
 
-For each data set and setting: train for a fixed number of steps, then report the test NLL
-(eval mode: exact trace, the training solver and tolerances), the mean number of dynamics
-evaluations per ``log_prob`` call (one call = one batch of ``--eval-batch`` points), the mean
-forward NFE per training step, and wall time. RNODE adds ``regularization_loss(flow)`` (kinetic
-energy + Jacobian Frobenius norm) to the mean NLL, the way a training loop is meant to.
+For each data set, seed and setting: train for a fixed number of steps (Adam, linear lr
+warm-up then cosine decay, dopri5 at ``--train-tol``), then report the test NLL (eval mode:
+exact trace, dopri5 at ``--eval-tol``, the SAME tolerance for every model), the mean number of
+dynamics evaluations per ``log_prob`` call (one call = one batch of ``--eval-batch`` points,
+read from the CNF's own ``nfe_forward`` counter), the mean forward NFE per training step, and
+the training time (wall and process CPU seconds; with one thread on a shared machine the CPU
+time is the load-independent figure). RNODE adds ``regularization_loss(flow)`` (kinetic energy
++ Jacobian Frobenius norm) to the mean NLL, the way a training loop is meant to.
 
     python benchmarks/cnf.py --steps 300 --out cnf.json
+
+``benchmarks/matching.py --ffjord-from cnf.json`` reuses the plain rows as its maximum-
+likelihood reference (OT-CFM then trains for a tenth of their CPU time).
 
 Reference points: the true differential entropies (the best achievable test NLL) are about
 1.70 nats for ``8gaussians`` (eight well-separated N(., 0.2²) on a radius-2 circle) and
@@ -33,6 +39,7 @@ except ImportError:  # an older tree without the toy data module
 ENTROPY = {
     "8gaussians": math.log(8) + math.log(2 * math.pi * math.e * 0.2**2),
     "checkerboard": math.log(8),
+    "moons": None,  # no closed form
 }
 
 
@@ -71,62 +78,95 @@ def reset(flow) -> None:
         c.reset_nfe()
 
 
-def run(name: str, rnode: RNODE | None, args) -> dict:
-    torch.manual_seed(args.seed)
-    train, test = data(name, args.n_train, args.n_test, args.seed)
+def lr_at(step: int, args) -> float:
+    """Linear warm-up over ``--warmup`` steps, then cosine decay to 1 % of ``--lr``."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    frac = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * frac)))
+
+
+@torch.no_grad()
+def evaluate(flow, points: torch.Tensor, args) -> tuple[float, float, float]:
+    """Mean NLL over ``points``, its standard error, and the mean NFE per ``log_prob`` call
+    at the eval tolerance."""
+    flow.eval()
+    for c in cnfs(flow):
+        c.atol = c.rtol = args.eval_tol
+    reset(flow)
+    chunks = points.split(args.eval_batch)
+    nll = torch.cat([-flow.log_prob(chunk).double() for chunk in chunks])
+    for c in cnfs(flow):
+        c.atol = c.rtol = args.train_tol
+    se = float(nll.std() / math.sqrt(nll.numel())) if nll.numel() > 1 else math.nan
+    return float(nll.mean()), se, nfe(flow) / len(chunks)
+
+
+def run(name: str, rnode: RNODE | None, seed: int, args) -> dict:
+    torch.manual_seed(seed)
+    train, test = data(name, args.n_train, args.n_test, seed)
+    probe = test[: args.eval_batch]
     flow = FFJORD(
         2,
         hidden=tuple(args.hidden),
         trace=args.trace,
         solver="dopri5",
-        atol=args.tol,
-        rtol=args.tol,
+        atol=args.train_tol,
+        rtol=args.train_tol,
         adjoint=args.adjoint,
+        activation=args.activation,
         regularization=rnode,
     )
     opt = torch.optim.Adam(flow.parameters(), lr=args.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps)
-    g = torch.Generator().manual_seed(args.seed + 1)
-    flow.train()
+    g = torch.Generator().manual_seed(seed + 1)
     reset(flow)
-    t0 = time.perf_counter()
+    wall = cpu = 0.0
+    train_nfe = 0
     log = []
-    for step in range(1, args.steps + 1):
+    for step in range(args.steps):
+        flow.train()
+        t0, c0 = time.perf_counter(), time.process_time()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
         batch = train[torch.randint(0, train.shape[0], (args.batch,), generator=g)]
         nll = -flow.log_prob(batch).mean()
         loss = nll + regularization_loss(flow)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if args.clip:
+            torch.nn.utils.clip_grad_norm_(flow.parameters(), args.clip)
         opt.step()
-        sched.step()
-        if step % args.log_every == 0 or step == args.steps:
-            entry = {"step": step, "nll": float(nll.detach()), **regularization_terms(flow)}
-            entry["nfe_per_step"] = nfe(flow) / step
+        wall += time.perf_counter() - t0
+        cpu += time.process_time() - c0
+        train_nfe += nfe(flow)
+        reset(flow)
+        done = step + 1
+        if done % args.log_every == 0 or done == args.steps:
+            entry = {"step": done, "nll": float(nll.detach()), **regularization_terms(flow)}
+            entry["nfe_per_step"] = train_nfe / done
+            # the eval-mode NFE of one log_prob on eval-batch test points, as it evolves
+            entry["val_nll"], _, entry["eval_nfe"] = evaluate(flow, probe, args)
+            entry["cpu_s"] = cpu
             log.append(entry)
-            print(f"  [{name} {'rnode' if rnode else 'plain'}] {entry}", flush=True)
-    train_s = time.perf_counter() - t0
-    train_nfe = nfe(flow) / args.steps
+            setting = "rnode" if rnode else "plain"
+            print(f"  [{name} {setting} s{seed}] {json.dumps(entry)}", flush=True)
 
-    flow.eval()
-    reset(flow)
-    calls = 0
     t0 = time.perf_counter()
-    with torch.no_grad():
-        total = 0.0
-        for chunk in test.split(args.eval_batch):
-            total += float(flow.log_prob(chunk).sum())
-            calls += 1
-    eval_s = time.perf_counter() - t0
-    test_nll = -total / test.shape[0]
+    test_nll, test_se, eval_nfe = evaluate(flow, test, args)
+    entropy = ENTROPY.get(name)
     return {
         "data": name,
+        "seed": seed,
+        "setting": "rnode" if rnode else "plain",
         "rnode": None if rnode is None else rnode.__dict__,
         "test_nll": test_nll,
-        "gap_to_entropy": test_nll - ENTROPY[name],
-        "nfe_per_log_prob": nfe(flow) / calls,
-        "train_nfe_per_step": train_nfe,
-        "train_s": train_s,
-        "eval_s": eval_s,
+        "test_se": test_se,
+        "gap_to_entropy": None if entropy is None else test_nll - entropy,
+        "nfe_per_log_prob": eval_nfe,
+        "train_nfe_per_step": train_nfe / args.steps,
+        "train_s": wall,
+        "train_cpu_s": cpu,
+        "eval_s": time.perf_counter() - t0,
         "steps": args.steps,
         "log": log,
     }
@@ -139,8 +179,16 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--hidden", type=int, nargs="+", default=[64, 64, 64])
     p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--tol", type=float, default=1e-5)
-    p.add_argument("--trace", default="hutchinson")
+    p.add_argument("--warmup", type=int, default=20, help="linear lr warm-up steps")
+    p.add_argument("--clip", type=float, default=0.0, help="gradient-norm clip (0: none)")
+    p.add_argument("--train-tol", type=float, default=1e-4, help="dopri5 atol = rtol in training")
+    p.add_argument(
+        "--eval-tol", type=float, default=1e-5, help="dopri5 atol = rtol for test NLL/NFE"
+    )
+    p.add_argument("--trace", default="exact", help="training trace (eval is always exact)")
+    p.add_argument("--activation", default="tanh")
+    p.add_argument("--settings", nargs="+", default=["plain", "rnode"], choices=["plain", "rnode"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--adjoint", action="store_true", help="adjoint gradients (default: direct)")
     p.add_argument("--kinetic", type=float, default=0.05)
     p.add_argument("--jacobian", type=float, default=0.05)
@@ -149,27 +197,34 @@ def main() -> None:
     p.add_argument("--eval-batch", type=int, default=1000)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)  # small-tensor work: extra threads only contend
 
     results = []
     for name in args.datasets:
-        for rnode in (None, RNODE(kinetic=args.kinetic, jacobian=args.jacobian)):
-            results.append(run(name, rnode, args))
-            if args.out:  # after every run, so a cut-short benchmark keeps what it measured
-                with open(args.out, "w") as f:
-                    json.dump({"args": vars(args), "results": results}, f, indent=2)
+        for seed in args.seeds:
+            for setting in args.settings:
+                rnode = RNODE(kinetic=args.kinetic, jacobian=args.jacobian)
+                results.append(run(name, rnode if setting == "rnode" else None, seed, args))
+                if args.out:  # after every run, so a cut-short benchmark keeps what it measured
+                    with open(args.out, "w") as f:
+                        json.dump({"args": vars(args), "results": results}, f, indent=2)
+    print_table(results)
+
+
+def print_table(results: list[dict]) -> None:
     print(
-        f"\n{'data':<13} {'setting':<8} {'test NLL':>9} {'gap':>6} {'NFE/log_prob':>13} "
-        f"{'NFE/step':>9} {'train s':>8}"
+        "\n| data | setting | seed | test NLL | gap to entropy | NFE / log_prob | NFE / step "
+        "| train s (wall) | train s (CPU) |"
     )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        setting = "rnode" if r["rnode"] else "plain"
+        gap = "-" if r["gap_to_entropy"] is None else f"{r['gap_to_entropy']:.3f}"
         print(
-            f"{r['data']:<13} {setting:<8} {r['test_nll']:9.3f} {r['gap_to_entropy']:6.3f} "
-            f"{r['nfe_per_log_prob']:13.1f} {r['train_nfe_per_step']:9.1f} {r['train_s']:8.1f}"
+            f"| {r['data']} | {r['setting']} | {r['seed']} | {r['test_nll']:.3f} | {gap} | "
+            f"{r['nfe_per_log_prob']:.1f} | {r['train_nfe_per_step']:.1f} | {r['train_s']:.0f} | "
+            f"{r['train_cpu_s']:.0f} |"
         )
 
 

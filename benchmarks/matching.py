@@ -55,23 +55,56 @@ import time
 
 import torch
 
-from exactflow.data.toy import TOY
+from exactflow.data.toy import toy_splits
 from exactflow.matching import MatchingFlow, reflow, sliced_wasserstein, straightness
 from exactflow.models import FFJORD
 from exactflow.models.matching import OTCFM, RectifiedFlow
 
 
-def train_for(flow, data: torch.Tensor, loss_fn, *, seconds=None, steps=None, lr=2e-3, seed=0):
-    """Adam at a constant lr on batches of 256 until ``seconds`` of wall time or ``steps``."""
+def _clock(kind: str) -> float:
+    # one thread on a shared machine: process CPU time is what the method costs, wall time
+    # also counts every other job's share of the cores
+    return time.process_time() if kind == "cpu" else time.perf_counter()
+
+
+def train_for(
+    flow,
+    data: torch.Tensor,
+    loss_fn,
+    *,
+    seconds=None,
+    steps=None,
+    lr=2e-3,
+    seed=0,
+    batch=256,
+    clock="cpu",
+    schedule="constant",
+    warmup=0,
+):
+    """Adam on batches of ``batch`` until ``seconds`` (``clock`` time) or ``steps``.
+
+    ``schedule="cosine"`` decays the lr to 1 % along the budget -- the elapsed fraction of
+    ``seconds`` when the budget is a time, else of ``steps`` -- after ``warmup`` linear
+    warm-up steps. Returns ``(steps done, wall s, CPU s)``.
+    """
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam([p for p in flow.parameters() if p.requires_grad], lr=lr)
     flow.train()
-    done, start = 0, time.perf_counter()
+    done = 0
+    start, wall0, cpu0 = _clock(clock), time.perf_counter(), time.process_time()
     while True:
-        elapsed = time.perf_counter() - start
+        elapsed = _clock(clock) - start
         if (seconds is not None and elapsed >= seconds) or (steps is not None and done >= steps):
             break
-        idx = torch.randint(0, data.shape[0], (256,), generator=g)
+        frac = elapsed / seconds if seconds is not None else done / steps
+        scale = (
+            1.0 if schedule == "constant" else 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * frac))
+        )
+        if done < warmup:
+            scale *= (done + 1) / warmup
+        for group in opt.param_groups:
+            group["lr"] = lr * scale
+        idx = torch.randint(0, data.shape[0], (batch,), generator=g)
         loss = loss_fn(flow, data[idx], g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -79,7 +112,7 @@ def train_for(flow, data: torch.Tensor, loss_fn, *, seconds=None, steps=None, lr
         opt.step()
         done += 1
     flow.eval()
-    return done, time.perf_counter() - start
+    return done, time.perf_counter() - wall0, time.process_time() - cpu0
 
 
 def nll_loss(flow, x, g):
@@ -91,10 +124,10 @@ def matching_loss(flow, x, g):
 
 
 @torch.no_grad()
-def exact_nll(flow, test: torch.Tensor) -> tuple[float, float, int]:
+def exact_nll(flow, test: torch.Tensor, tol: float = 1e-5) -> tuple[float, float, int]:
     """Mean test NLL, its standard error, and the NFE of one solve over the whole test set."""
     cnf = flow.cnf if isinstance(flow, MatchingFlow) else flow.transform
-    cnf.eval_trace, cnf.atol, cnf.rtol, cnf.solver = "exact", 1e-5, 1e-5, "dopri5"
+    cnf.eval_trace, cnf.atol, cnf.rtol, cnf.solver = "exact", tol, tol, "dopri5"
     flow.eval()
     cnf.reset_nfe()
     v = -flow.log_prob(test).double()
@@ -117,12 +150,20 @@ def one_step_quality(flow: MatchingFlow, test: torch.Tensor, seed: int) -> dict[
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", nargs="+", default=["8gaussians", "moons", "checkerboard"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--hidden", type=int, nargs="+", default=[64, 64, 64])
     p.add_argument("--n-train", type=int, default=20000)
-    p.add_argument("--n-test", type=int, default=2000)
+    p.add_argument("--n-test", type=int, default=5000)
+    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                   help="which time the 1/10 budget divides (cpu: process time, one thread)")  # fmt: skip
+    p.add_argument("--ffjord-from", help="cnf.py JSON: reuse its plain FFJORD rows (same split)")
     p.add_argument("--ffjord-seconds", type=float, default=180.0)
     p.add_argument("--ffjord-tol", type=float, default=1e-4)
-    p.add_argument("--cfm-steps", type=int, default=2000)
+    p.add_argument("--eval-tol", type=float, default=1e-5, help="dopri5 atol = rtol of test NLL")
+    p.add_argument("--cfm-steps", type=int, default=2000, help="the long OT-CFM run (0: skip)")
+    p.add_argument("--cfm-batch", type=int, default=256)
+    p.add_argument("--cfm-lr", type=float, default=2e-3)
+    p.add_argument("--cfm-schedule", choices=["constant", "cosine"], default="constant")
     p.add_argument("--rf-steps", type=int, default=1500)
     p.add_argument("--reflow-pairs", type=int, default=5000)
     p.add_argument("--reflow-steps", type=int, default=1000)
@@ -134,60 +175,88 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     hidden = tuple(args.hidden)
+    reference = {}
+    if args.ffjord_from:
+        with open(args.ffjord_from) as f:
+            saved = json.load(f)
+        # the same split as cnf.py drew, so both models see the same train and test rows
+        args.n_train, args.n_test = saved["args"]["n_train"], saved["args"]["n_test"]
+        hidden = tuple(saved["args"]["hidden"])
+        for r in saved["results"]:
+            if r["setting"] == "plain":
+                reference[(r["data"], r["seed"])] = r
     rows: list[dict] = []
     for name in args.datasets:
-        g = torch.Generator().manual_seed(0)
-        train = TOY[name](args.n_train, g)
-        test = TOY[name](args.n_test, g)
-        row: dict = {"data": name}
-        budget = None
-        if not args.skip_ffjord:
-            torch.manual_seed(0)
-            ff = FFJORD(2, hidden, trace="exact", adjoint=False, atol=args.ffjord_tol,
-                        rtol=args.ffjord_tol)  # fmt: skip
-            steps, wall = train_for(ff, train, nll_loss, seconds=args.ffjord_seconds, lr=args.lr)
-            nll, se, nfe = exact_nll(ff, test)
-            row["ffjord"] = {"steps": steps, "train_s": wall, "nll": nll, "se": se, "nfe": nfe}
-            budget = wall / 10
-            print(f"{name}: FFJORD {steps} steps {wall:.0f}s NLL {nll:.3f}±{se:.3f}", flush=True)
-        for label, kw in (
-            ("otcfm_tenth", {"seconds": budget}),
-            ("otcfm", {"steps": args.cfm_steps}),
-        ):
-            if kw.get("seconds", 1) is None:
-                continue
-            torch.manual_seed(0)
-            fm = OTCFM(2, hidden)
-            steps, wall = train_for(fm, train, matching_loss, lr=args.lr, **kw)
-            nll, se, nfe = exact_nll(fm, test)
-            row[label] = {"steps": steps, "train_s": wall, "nll": nll, "se": se, "nfe": nfe}
-            row[label].update(one_step_quality(fm, test, seed=1))
-            print(f"{name}: {label} {steps} steps {wall:.0f}s NLL {nll:.3f}±{se:.3f}", flush=True)
-        if not args.skip_reflow:
-            torch.manual_seed(0)
-            rf = RectifiedFlow(2, hidden)
-            steps, wall = train_for(rf, train, matching_loss, steps=args.rf_steps, lr=args.lr)
-            before = one_step_quality(rf, test, seed=1)
-            before["nll"] = exact_nll(rf, test)[0]
-            t0 = time.perf_counter()
-            reflow(rf, args.reflow_pairs, steps=args.reflow_steps, lr=args.lr / 2,
-                   generator=torch.Generator().manual_seed(3))  # fmt: skip
-            after = one_step_quality(rf, test, seed=1)
-            after["nll"] = exact_nll(rf, test)[0]
-            row["reflow"] = {"rf_train_s": wall, "reflow_s": time.perf_counter() - t0,
-                             "before": before, "after": after}  # fmt: skip
-            print(f"{name}: reflow 1-step SW {before['sw_1step']:.3f} -> {after['sw_1step']:.3f}",
-                  flush=True)  # fmt: skip
-        rows.append(row)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+        for seed in args.seeds:
+            s = toy_splits(name, n_train=args.n_train, n_val=1, n_test=args.n_test, seed=seed)
+            train, test = s.train, s.test
+            row: dict = {"data": name, "seed": seed}
+            budget = None
+            if (name, seed) in reference:
+                r = reference[(name, seed)]
+                row["ffjord"] = {"steps": r["steps"], "train_s": r["train_s"],
+                                 "train_cpu_s": r["train_cpu_s"], "nll": r["test_nll"],
+                                 "se": r.get("test_se", float("nan")),
+                                 "nfe": r["nfe_per_log_prob"], "from": args.ffjord_from}  # fmt: skip
+            elif not args.skip_ffjord:
+                torch.manual_seed(seed)
+                ff = FFJORD(2, hidden, trace="exact", adjoint=False, atol=args.ffjord_tol,
+                            rtol=args.ffjord_tol)  # fmt: skip
+                steps, wall, cpu = train_for(ff, train, nll_loss, seconds=args.ffjord_seconds,
+                                             lr=args.lr, seed=seed, clock=args.clock)  # fmt: skip
+                nll, se, nfe = exact_nll(ff, test, args.eval_tol)
+                row["ffjord"] = {"steps": steps, "train_s": wall, "train_cpu_s": cpu,
+                                 "nll": nll, "se": se, "nfe": nfe}  # fmt: skip
+            if "ffjord" in row:
+                f = row["ffjord"]
+                budget = (f["train_cpu_s"] if args.clock == "cpu" else f["train_s"]) / 10
+                print(f"{name} s{seed}: FFJORD {f['steps']} steps {f['train_s']:.0f}s wall "
+                      f"{f['train_cpu_s']:.0f}s CPU NLL {f['nll']:.3f}", flush=True)  # fmt: skip
+            runs = [("otcfm_tenth", {"seconds": budget})] if budget is not None else []
+            if args.cfm_steps:
+                runs.append(("otcfm", {"steps": args.cfm_steps}))
+            for label, kw in runs:
+                torch.manual_seed(seed)
+                fm = OTCFM(2, hidden)
+                steps, wall, cpu = train_for(
+                    fm, train, matching_loss, lr=args.cfm_lr, seed=seed, batch=args.cfm_batch,
+                    clock=args.clock, schedule=args.cfm_schedule, **kw,
+                )  # fmt: skip
+                nll, se, nfe = exact_nll(fm, test, args.eval_tol)
+                row[label] = {"steps": steps, "train_s": wall, "train_cpu_s": cpu,
+                              "nll": nll, "se": se, "nfe": nfe}  # fmt: skip
+                row[label].update(one_step_quality(fm, test, seed=1))
+                print(f"{name} s{seed}: {label} {steps} steps {wall:.0f}s wall {cpu:.1f}s CPU "
+                      f"NLL {nll:.3f}±{se:.3f}", flush=True)  # fmt: skip
+            if not args.skip_reflow:
+                torch.manual_seed(seed)
+                rf = RectifiedFlow(2, hidden)
+                steps, wall, _ = train_for(rf, train, matching_loss, steps=args.rf_steps,
+                                           lr=args.lr, seed=seed)  # fmt: skip
+                before = one_step_quality(rf, test, seed=1)
+                before["nll"] = exact_nll(rf, test, args.eval_tol)[0]
+                t0 = time.perf_counter()
+                reflow(rf, args.reflow_pairs, steps=args.reflow_steps, lr=args.lr / 2,
+                       generator=torch.Generator().manual_seed(3))  # fmt: skip
+                after = one_step_quality(rf, test, seed=1)
+                after["nll"] = exact_nll(rf, test, args.eval_tol)[0]
+                row["reflow"] = {"rf_train_s": wall, "reflow_s": time.perf_counter() - t0,
+                                 "before": before, "after": after}  # fmt: skip
+                print(f"{name}: reflow 1-step SW {before['sw_1step']:.3f} -> "
+                      f"{after['sw_1step']:.3f}", flush=True)  # fmt: skip
+            rows.append(row)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({"args": vars(args), "rows": rows}, f, indent=2)
     print_tables(rows)
 
 
 def print_tables(rows: list[dict]) -> None:
-    print("\n| data | model | steps | train s | test NLL (exact) | NFE | 1-step SW | S |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        "\n| data | seed | model | steps | train s (wall) | train s (CPU) | test NLL (exact) "
+        "| NFE | 1-step SW | S |"
+    )
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         for key, label in (("ffjord", "FFJORD (ML)"), ("otcfm_tenth", "OT-CFM, 1/10 time"),
                            ("otcfm", "OT-CFM")):  # fmt: skip
@@ -196,8 +265,9 @@ def print_tables(rows: list[dict]) -> None:
             m = r[key]
             sw = f"{m['sw_1step']:.3f}" if "sw_1step" in m else "-"
             s = f"{m['straightness']:.4f}" if "straightness" in m else "-"
-            print(f"| {r['data']} | {label} | {m['steps']} | {m['train_s']:.0f} | "
-                  f"{m['nll']:.3f} ± {m['se']:.3f} | {m['nfe']} | {sw} | {s} |")  # fmt: skip
+            print(f"| {r['data']} | {r['seed']} | {label} | {m['steps']} | {m['train_s']:.0f} | "
+                  f"{m['train_cpu_s']:.1f} | {m['nll']:.3f} ± {m['se']:.3f} | {m['nfe']} | "
+                  f"{sw} | {s} |")  # fmt: skip
     print("\n| data | rectified flow | S | path ratio | 1-step SW | dopri5 SW | test NLL |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
