@@ -117,17 +117,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for k, v in results.items():
         print(f"{k:26s} {v:.3g}")
 
-    fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, ax = plt.subplots(1, 3, figsize=(13, 4))
     ax[0].scatter(lp_torch, lp_onnx, s=2)
     ax[0].set_xlabel("flow.log_prob (PyTorch)")
     ax[0].set_ylabel("log_prob graph (onnxruntime)")
-    ax[0].set_title(f"max |Δ| = {results['log_prob max abs diff']:.1e}")
+    ax[0].set_title(f"RealNVP log_prob\nmax |Δ| = {results['log_prob max abs diff']:.1e}")
     ax[1].scatter(xs_onnx[:, 0], xs_onnx[:, 1], s=1, color="C1")
-    ax[1].set_title(f"RealNVP onnxruntime samples, max |Δ| {results['sample max abs diff']:.1e}")
+    diff = results["sample max abs diff"]
+    ax[1].set_title(f"RealNVP samples (onnxruntime)\nmax |Δ| vs PyTorch {diff:.1e}")
     ax[2].scatter(xs_cnf_onnx[:, 0], xs_cnf_onnx[:, 1], s=1, color="C2")
-    ax[2].set_title(
-        f"CFM (RK4) onnxruntime samples, max |Δ| {results['cnf sample max abs diff']:.1e}"
-    )
+    diff = results["cnf sample max abs diff"]
+    ax[2].set_title(f"CFM samples, fixed-step RK4 (onnxruntime)\nmax |Δ| vs PyTorch {diff:.1e}")
     fig.tight_layout()
     args.out.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out / "export_onnx.png", dpi=70)
