@@ -9,7 +9,7 @@ the training time (wall and process CPU seconds; with one thread on a shared mac
 time is the load-independent figure). RNODE adds ``regularization_loss(flow)`` (kinetic energy
 + Jacobian Frobenius norm) to the mean NLL, the way a training loop is meant to.
 
-    python benchmarks/cnf.py --steps 300 --out cnf.json
+    nice -n 19 python benchmarks/cnf.py --out cnf.json
 
 ``benchmarks/matching.py --ffjord-from cnf.json`` reuses the plain rows as its maximum-
 likelihood reference (OT-CFM then trains for a tenth of their CPU time).
@@ -175,7 +175,7 @@ def run(name: str, rnode: RNODE | None, seed: int, args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", nargs="+", default=["8gaussians", "checkerboard"])
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--hidden", type=int, nargs="+", default=[64, 64, 64])
     p.add_argument("--lr", type=float, default=5e-3)
@@ -195,7 +195,7 @@ def main() -> None:
     p.add_argument("--n-train", type=int, default=20_000)
     p.add_argument("--n-test", type=int, default=5_000)
     p.add_argument("--eval-batch", type=int, default=1000)
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()

@@ -3,13 +3,18 @@
 Part 1 -- OT-CFM vs FFJORD, same velocity network (``TimeMLP``/``VelocityMLP``, gate time
 conditioning, tanh, the same hidden widths, so the same parameter count):
 
-* FFJORD is trained by maximum likelihood (exact trace, back-propagation through dopri5 at
-  ``--ffjord-tol``) for ``--ffjord-seconds`` of wall time;
-* OT-CFM is trained by regression for one tenth of FFJORD's measured wall time (the issue's
-  "10x less training time" claim) and for ``--cfm-steps`` steps.
+* FFJORD is trained by maximum likelihood (exact trace, back-propagation through dopri5).
+  With ``--ffjord-from cnf.json`` its rows come from ``benchmarks/cnf.py`` (500 steps, warm-up
+  + cosine lr, the same data split); otherwise it trains here for ``--ffjord-seconds``.
+* OT-CFM is trained by regression for one tenth of FFJORD's measured training time (the
+  issue's "10x less training time" claim) -- process CPU time by default (``--clock cpu``:
+  one thread on a shared machine, so wall time mostly measures the other jobs) -- and,
+  optionally, for ``--cfm-steps`` steps. Adam, batch ``--cfm-batch`` (128: the exact OT
+  assignment costs O(n³), so 128 rows give ~3x the steps of 256 per second), lr ``--cfm-lr``
+  with a cosine decay along the time budget.
 
-Both use Adam at a constant learning rate and batch 256, and are scored by the exact test NLL
-(dopri5, atol = rtol = 1e-5, exact trace) on the same held-out rows, plus the NFE of that solve.
+Both are scored by the exact test NLL (dopri5, atol = rtol = ``--eval-tol`` = 1e-5, exact
+trace) on the same held-out rows, plus the NFE of that solve.
 
 Part 2 -- reflow: a rectified flow trained for ``--rf-steps``, then one reflow
 (``--reflow-pairs`` noise/sample pairs, ``--reflow-steps`` steps). Reported before and after:
@@ -23,23 +28,23 @@ Run it niced on a shared machine, e.g.::
 Wall times are real but measured on whatever else the machine is doing; both methods of a row
 run back to back under the same load.
 
-Measured 2026-11-28 (defaults except ``--ffjord-seconds 150 --rf-steps 1200 --reflow-steps
-800``; one thread on a shared, heavily loaded 2-core machine; 18 minutes in all):
+Measured 2026-11-29 (``--ffjord-from`` the 500-step FFJORD rows of ``benchmarks/cnf.py``,
+``--skip-reflow --cfm-steps 0``, other defaults; seed 0; one thread at nice 19 on a shared
+2-core machine at load 15-22; test NLL on 5,000 points):
 
-============  ==================  =====  =======  ===============  ===  =========
-data          model               steps  train s  test NLL         NFE  1-step SW
-============  ==================  =====  =======  ===============  ===  =========
-8gaussians    FFJORD (ML)         256    150      2.102 ± 0.017    80   -
-8gaussians    OT-CFM, 1/10 time   248    15       2.834 ± 0.006    26   0.293
-8gaussians    OT-CFM              2000   121      1.794 ± 0.021    62   0.113
-moons         FFJORD (ML)         380    150      2.610 ± 0.017    56   -
-moons         OT-CFM, 1/10 time   316    15       3.173 ± 0.010    26   0.236
-moons         OT-CFM              2000   89       2.585 ± 0.015    44   0.144
-checkerboard  FFJORD (ML)         363    151      2.691 ± 0.013    38   -
-checkerboard  OT-CFM, 1/10 time   356    15       2.926 ± 0.011    20   0.156
-checkerboard  OT-CFM              2000   68       2.744 ± 0.013    26   0.128
-============  ==================  =====  =======  ===============  ===  =========
+============  =================  =====  =====  ======  ===============  ===  =========
+data          model              steps  CPU s  wall s  test NLL         NFE  1-step SW
+============  =================  =====  =====  ======  ===============  ===  =========
+8gaussians    FFJORD (ML)        500    105    668     1.738            72   -
+8gaussians    OT-CFM, 1/10 time  1986   10.5   45      1.748 ± 0.016    86   0.093
+moons         FFJORD (ML)        500    86     772     2.465 ± 0.011    64   -
+moons         OT-CFM, 1/10 time  1784   8.6    41      2.448 ± 0.010    62   0.076
+checkerboard  FFJORD (ML)        500    75     382     2.427 ± 0.008    50   -
+checkerboard  OT-CFM, 1/10 time  1598   7.5    36      2.444 ± 0.009    62   0.082
+============  =================  =====  =====  ======  ===============  ===  =========
 
+Reflow, measured 2026-11-28 with the previous version of this script (constant lr 2e-3,
+batch 256, ``--rf-steps 1200 --reflow-steps 800``):
 Rectified flow (1,200 steps), then one reflow on 5,000 pairs (800 steps): straightness S
 1.34 -> 0.010 / 1.03 -> 0.004 / 0.98 -> 0.002 and one-step-Euler SW 1.224 -> 0.181 /
 1.216 -> 0.153 / 1.060 -> 0.113 (8gaussians / moons / checkerboard); dopri5-sample SW and
@@ -161,9 +166,9 @@ def main() -> None:
     p.add_argument("--ffjord-tol", type=float, default=1e-4)
     p.add_argument("--eval-tol", type=float, default=1e-5, help="dopri5 atol = rtol of test NLL")
     p.add_argument("--cfm-steps", type=int, default=2000, help="the long OT-CFM run (0: skip)")
-    p.add_argument("--cfm-batch", type=int, default=256)
-    p.add_argument("--cfm-lr", type=float, default=2e-3)
-    p.add_argument("--cfm-schedule", choices=["constant", "cosine"], default="constant")
+    p.add_argument("--cfm-batch", type=int, default=128)
+    p.add_argument("--cfm-lr", type=float, default=2e-2)
+    p.add_argument("--cfm-schedule", choices=["constant", "cosine"], default="cosine")
     p.add_argument("--rf-steps", type=int, default=1500)
     p.add_argument("--reflow-pairs", type=int, default=5000)
     p.add_argument("--reflow-steps", type=int, default=1000)
