@@ -648,7 +648,7 @@ def digits_default(args: argparse.Namespace) -> list[dict]:
     row: dict = {"model": "nsf", "data": "digits", "libs": {}}
     for lib in libs:
         runs = []
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             cfg = RunConfig.from_dict({"seed": seed, "train": {"progress": False}}, base)
             dataset = load_dataset(cfg.data, cfg.seed, **cfg.data_args)
             d = dataset.features
@@ -742,6 +742,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=256, help="quality: batch size")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument(
+        "--first-seed", type=int, default=0, help="--digits-default: seeds from this one on"
+    )
     ap.add_argument("--digits-steps", type=int, default=300)
     ap.add_argument("--digits-batch", type=int, default=512)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")

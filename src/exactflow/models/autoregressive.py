@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..flow import Flow
 from ..transforms import (
     Autoregressive,
@@ -104,10 +105,11 @@ def NSF(
     context: int = 0,
     activation: str | Callable[[], nn.Module] = "relu",
     spline: str = "rq-spline",
+    permutation: str = "auto",
 ) -> Flow:
     """Neural spline flow (Durkan et al., 2019): rational-quadratic spline layers on
     ``[-bound, bound]`` (identity tails), each preceded by an LU-parameterised linear map
-    that starts as a reversal of the features.
+    that starts as a permutation of the features.
 
     Args:
         features: D.
@@ -120,16 +122,26 @@ def NSF(
         context: context size (0 = unconditional).
         activation: conditioner activation.
         spline: registered map name (``"rq-spline"`` or ``"cubic-spline"``).
+        permutation: what each LU map starts as: ``"random"`` (a new permutation per layer
+            from the global torch RNG, so seed it), ``"reverse"``, or ``"auto"`` (reverse for
+            D <= 2, where it already alternates the only two orders; random above). On
+            scikit-learn digits at the default budget random beat reverse by 0.04 bits/dim
+            (benchmarks/README.md), the reversal giving only two autoregressive orders.
     """
     from ..transforms import splines  # noqa: F401  (registers the spline maps by name)
 
     features, transforms, context = check_args(features, transforms, context)
+    if permutation not in ("auto", "random", "reverse"):
+        raise ConfigError(f"permutation must be 'auto', 'random' or 'reverse', got {permutation!r}")
+    if permutation == "auto":
+        permutation = "reverse" if features <= 2 else "random"
     map_kwargs = {"bins": bins, "bound": bound}
     reverse = torch.arange(features - 1, -1, -1)
     layers: list[Transform] = []
     for i in range(transforms):
         if features > 1:
-            layers.append(LULinear(features, permutation=reverse))
+            perm = torch.randperm(features) if permutation == "random" else reverse
+            layers.append(LULinear(features, permutation=perm))
         if autoregressive:
             layers.append(
                 Autoregressive(
@@ -137,7 +149,7 @@ def NSF(
                 )
             )
         else:
-            # the LU map already reverses the features, so the mask stays fixed
+            # the LU map already permutes the features, so the mask stays fixed
             mask = coupling_mask(features, i, context, flip=False)
             layers.append(
                 Coupling(spline, mask, hidden, context, activation, map_kwargs=map_kwargs)
