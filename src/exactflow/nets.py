@@ -294,16 +294,28 @@ class MADE(nn.Module):
             _join(x, context, self.context_features)  # validates presence and size
         elif context is not None:
             raise ContextError("this MADE is unconditional but a context was given")
-        h = x
-        last = self.n_layers - 1
-        for i in range(self.n_layers):
-            # where, not a product: a masked position's gradient can overflow to inf when the
-            # inputs are huge, and inf * 0 would put NaN into the weights' gradient
-            w = torch.where(self._mask(i) != 0, self.weights[i], 0.0)
-            h = F.linear(h, w, self.biases[i])
-            if i < last:
-                if self.context_features:
-                    cw = self.context_in if i == 0 else self.context_hidden[i - 1]
-                    h = h + F.linear(context, cw)
-                h = self.act(h)
+        w, b = self.output_layer()
+        h = F.linear(self.hidden(x, context), w, b)
         return h.unflatten(-1, (self.features, self.out_per_feature))
+
+    def _masked(self, i: int) -> Tensor:
+        # where, not a product: a masked position's gradient can overflow to inf when the
+        # inputs are huge, and inf * 0 would put NaN into the weights' gradient
+        return torch.where(self._mask(i) != 0, self.weights[i], 0.0)
+
+    def hidden(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """Last hidden layer's activations ``(*batch, H)`` (inputs not re-validated)."""
+        h = x
+        for i in range(self.n_layers - 1):
+            h = F.linear(h, self._masked(i), self.biases[i])
+            if self.context_features:
+                cw = self.context_in if i == 0 else self.context_hidden[i - 1]
+                h = h + F.linear(context, cw)
+            h = self.act(h)
+        return h
+
+    def output_layer(self) -> tuple[Tensor, Tensor]:
+        """Masked output weight ``(D * P, H)`` and bias ``(D * P,)``, rows feature-major, so
+        rows ``i * P ... i * P + P - 1`` give feature ``i``'s parameters from :meth:`hidden`."""
+        last = self.n_layers - 1
+        return self._masked(last), self.biases[last]

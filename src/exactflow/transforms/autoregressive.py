@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ShapeError
@@ -84,13 +85,27 @@ class Autoregressive(Transform):
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(z)
-        # after pass k the first k variables in the ordering are exact; the D-th pass sees
-        # every x_{<i} exact, so its parameters (and log-det) are the true ones
+        context = context if self.context_features else None
+        if self.context_features:
+            self.made(z, context)  # validates the context once (a cheap full pass)
+        d, p = self.features, self.map.num_params
+        w, b = self.made.output_layer()
+        w, b = w.unflatten(0, (d, p)), b.unflatten(0, (d, p))
+        # pass k solves only the feature at position k of the ordering: its parameters depend
+        # on x_{<k}, all exact by then, so only its P output rows of MADE are computed and
+        # the map runs on one column (the hidden layers still see the whole x)
+        positions = torch.argsort(self.made.order)
+        columns = torch.arange(d, device=z.device)
         x = torch.zeros_like(z)
-        logd = torch.zeros_like(z)
-        for _ in range(self.features):
-            x, logd = self.map.inverse(z, self._params(x, context))
-        return x, logd.sum(-1)
+        logd = torch.zeros_like(z[..., 0])
+        for k in range(d):
+            i = positions[k : k + 1]
+            h = self.made.hidden(x, context)
+            params = F.linear(h, w.index_select(0, i)[0], b.index_select(0, i)[0])
+            x_i, logd_i = self.map.inverse(z.index_select(-1, i)[..., 0], params)
+            x = torch.where(columns == i, x_i.unsqueeze(-1), x)
+            logd = logd + logd_i
+        return x, logd
 
     def extra_repr(self) -> str:
         return (
