@@ -65,6 +65,7 @@ def main() -> None:
     args = p.parse_args()
     if args.plot_only:
         torch.set_num_threads(args.threads)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
         for name in args.targets:
             flows = {}
             log_z = log_z_grid(name)
