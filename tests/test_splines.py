@@ -299,3 +299,15 @@ def test_torch_export(kind):
         y_ref, ld_ref = fn(x)
         torch.testing.assert_close(y, y_ref)
         torch.testing.assert_close(ld, ld_ref)
+
+
+def test_nsf_passes_map_kwargs_to_its_splines():
+    """NSF(map_kwargs={"derivatives": "free"}) reaches every spline; the default is bounded."""
+    for rule, kwargs in [("bounded", {}), ("free", {"map_kwargs": {"derivatives": "free"}})]:
+        flow = ef.models.NSF(3, transforms=2, hidden=(8,), **kwargs)
+        maps = [
+            m.map
+            for m in flow.modules()
+            if isinstance(getattr(m, "map", None), RationalQuadraticSpline)
+        ]
+        assert len(maps) == 2 and all(m.derivatives == rule for m in maps)
