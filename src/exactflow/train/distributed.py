@@ -257,6 +257,9 @@ def session() -> Iterator[DistributedContext | None]:
     ctx = init_from_environment()
     try:
         yield ctx
+        # rank 0 writes metrics and plots after training; a rank that tore its group down
+        # while rank 0 was still busy made rank 0's own teardown abort (SIGABRT, seen in CI)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
