@@ -25,13 +25,16 @@ logit transform shared by everyone) and reports bits/dim in pixel space. ``--dig
 runs the NSF at ``exactflow train --data digits --model nsf``'s default configuration instead:
 every library's model (the peers' with an identity-initialised LU-linear layer before each
 spline layer, as exactflow's NSF has; ``--no-lu`` for their stock NSF) is fitted by exactflow's
-``Trainer`` on the same split, batches and dequantisation noise, so only the model differs.
+``Trainer`` on the same split, batches and dequantisation noise, so only the model differs;
+``--default-config DATA`` does the same at any data set's default (``moons``: the bare
+``exactflow train``, test NLL in nats).
 
     python benchmarks/peers.py --quick
     python benchmarks/peers.py --device cpu --dims 2 16 64 --models maf nsf realnvp --rounds 7
     python benchmarks/peers.py --quality --steps 500 --seeds 3
     python benchmarks/peers.py --digits --models nsf
     python benchmarks/peers.py --digits-default --threads 1 --seeds 3
+    python benchmarks/peers.py --default-config moons --threads 1 --seeds 3
 
 Peers are used only through their public APIs (``pip install -e .[bench]``); a library that is
 missing or fails is reported and skipped.
@@ -614,13 +617,14 @@ def _as_exactflow(c: Contender, pre: nn.Module, d: int) -> nn.Module:
     return PeerFlow()
 
 
-def digits_default(args: argparse.Namespace) -> list[dict]:
-    """NSF on digits at ``exactflow train --data digits --model nsf``'s default configuration.
+def default_budget(args: argparse.Namespace, data: str) -> list[dict]:
+    """NSF on ``data`` at ``exactflow train --data DATA --model nsf``'s default configuration.
 
     Every library's model is fitted by exactflow's ``Trainer`` with that configuration (steps,
-    batch, AdamW, warm-up + cosine, clipping, EMA, best-on-validation weights) on the same split,
-    the same batches and the same dequantisation noise; exactflow's own model is built exactly as
-    the command builds it. Test bits/dim in pixel space as the command reports them.
+    batch, optimiser, warm-up + cosine, clipping, EMA, best-on-validation weights) on the same
+    split and the same batches (and, for discrete data, the same dequantisation noise);
+    exactflow's own model is built exactly as the command builds it. Test NLL as the command
+    reports it: nats for continuous data, bits/dim in pixel space for discrete data.
     """
     from exactflow.data import bits_per_dim, dequantize, load_dataset
     from exactflow.models import NSF
@@ -629,29 +633,31 @@ def digits_default(args: argparse.Namespace) -> list[dict]:
     from exactflow.train.run import build_flow, default_config
 
     # the peers are built from this file's constants: they must be what the command trains
-    base = default_config("digits", "nsf")
+    base = default_config(data, "nsf")
     nsf_defaults = {k: v.default for k, v in inspect.signature(NSF).parameters.items()}
     ours = {"transforms": TRANSFORMS, "hidden": list(HIDDEN), "bins": BINS, "bound": BOUND}
     used = {k: base.model_args.get(k, nsf_defaults[k]) for k in ours}
     used["hidden"] = list(used["hidden"])
     if used != ours:
-        raise RuntimeError(f"the digits default NSF is {used}, this benchmark builds {ours}")
+        raise RuntimeError(f"the {data} default NSF is {used}, this benchmark builds {ours}")
     t = base.train
     print(
-        f"# default digits budget: {t.steps} steps x batch {t.batch_size}, {t.optimizer} lr "
+        f"# default {data} budget: {t.steps} steps x batch {t.batch_size}, {t.optimizer} lr "
         f"{t.lr} weight decay {t.weight_decay}, warm-up {t.warmup} then cosine to "
         f"{t.final_lr_ratio} x lr, clip {t.clip_norm}, EMA {t.ema}, validate every "
         f"{t.eval_every} (patience {t.patience}), data {base.data_args}; peers' LU: {args.lu}",
         flush=True,
     )
     libs = [lib for lib in available(args.libs) if lib != "zuko+compile"]
-    row: dict = {"model": "nsf", "data": "digits", "libs": {}}
+    row: dict = {"model": "nsf", "data": data, "libs": {}}
+    unit = "nats"
     for lib in libs:
         runs = []
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             cfg = RunConfig.from_dict({"seed": seed, "train": {"progress": False}}, base)
             dataset = load_dataset(cfg.data, cfg.seed, **cfg.data_args)
             d = dataset.features
+            unit = "bits/dim" if dataset.discrete else "nats"
             try:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed)
@@ -661,26 +667,32 @@ def digits_default(args: argparse.Namespace) -> list[dict]:
                         c = build(lib, "nsf", d, torch.device("cpu"), seed=seed, lu=args.lu)
                         flow = _as_exactflow(c, dataset.preprocess((d,)), d)
                 params = sum(p.numel() for p in flow.parameters() if p.requires_grad)
-                trainer = Trainer(flow, dataset.train, dataset.val, cfg.train, batch_fn=dequantize)
+                trainer = Trainer(
+                    flow,
+                    dataset.train,
+                    dataset.val,
+                    cfg.train,
+                    batch_fn=dequantize if dataset.discrete else None,
+                )
                 result = trainer.fit()
                 nll, _ = trainer.nll(dataset.test, seed=cfg.seed + 1)
                 run = {
-                    "bpd": bits_per_dim(nll, d),
+                    "nll": bits_per_dim(nll, d) if dataset.discrete else nll,
                     "train_s": result.wall_time,
                     "steps": result.steps,
                     "best_step": result.best_step,
                     "params": params,
                 }
             except Exception as exc:
-                print(f"# {lib} nsf digits seed {seed}: {type(exc).__name__}: {exc}")
-                run = {"bpd": math.nan, "train_s": math.nan, "steps": 0, "best_step": -1}
+                print(f"# {lib} nsf {data} seed {seed}: {type(exc).__name__}: {exc}")
+                run = {"nll": math.nan, "train_s": math.nan, "steps": 0, "best_step": -1}
             print(f"#   {lib} seed {seed}: {json.dumps(run)}", flush=True)
             runs.append(run)
-        mean, se = _mean_se([r["bpd"] for r in runs])
+        mean, se = _mean_se([r["nll"] for r in runs])
         row["libs"][lib] = {"mean": mean, "se": se, "runs": runs}
-        print(f"# digits nsf {lib}: {mean:.4f} ± {se:.4f} bits/dim", flush=True)
+        print(f"# {data} nsf {lib}: {mean:.4f} ± {se:.4f} {unit}", flush=True)
     print(
-        f"\nDigits test bits/dim in pixel space at exactflow's default digits budget "
+        f"\n{data} test NLL ({unit}) at exactflow's default {data} budget "
         f"({t.steps} steps x {t.batch_size}), every library fitted by exactflow's Trainer; "
         f"mean ± s.e. over {args.seeds} seeds (seed = split, init, batches)"
     )
@@ -695,12 +707,12 @@ def digits_default(args: argparse.Namespace) -> list[dict]:
                 "/".join(str(x["best_step"]) for x in runs),
                 f"{statistics.fmean(x['train_s'] for x in runs):.0f}",
                 f"{r['mean']:.3f} ± {r['se']:.3f}",
-                " ".join(f"{x['bpd']:.3f}" for x in runs),
+                " ".join(f"{x['nll']:.3f}" for x in runs),
             ]
         )
-    header = ["library", "params", "steps", "best step", "train s/run", "bits/dim", "per seed"]
+    header = ["library", "params", "steps", "best step", "train s/run", unit, "per seed"]
     print(_table(header, rows))
-    _quality_table([row], libs, "bits/dim")
+    _quality_table([row], libs, unit)
     return [row]
 
 
@@ -727,15 +739,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quality", action="store_true", help="test NLL on 2-D toys instead")
     ap.add_argument("--digits", action="store_true", help="bits/dim on sklearn digits instead")
     ap.add_argument(
-        "--digits-default",
-        action="store_true",
-        help="NSF bits/dim on digits at `exactflow train --data digits`'s default budget",
+        "--default-config",
+        metavar="DATA",
+        default=None,
+        help="NSF test NLL on DATA at `exactflow train --data DATA`'s default budget",
+    )
+    ap.add_argument(
+        "--digits-default", action="store_true", help="the same as --default-config digits"
     )
     ap.add_argument(
         "--lu",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="--digits-default: give the peers' NSF exactflow's LU-linear layers (default on)",
+        help="--default-config: give the peers' NSF exactflow's LU-linear layers (default on)",
     )
     ap.add_argument("--datasets", nargs="+", default=["moons", "8gaussians"])
     ap.add_argument("--steps", type=int, default=500, help="quality: Adam steps")
@@ -743,7 +759,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument(
-        "--first-seed", type=int, default=0, help="--digits-default: seeds from this one on"
+        "--first-seed", type=int, default=0, help="--default-config: seeds from this one on"
     )
     ap.add_argument("--digits-steps", type=int, default=300)
     ap.add_argument("--digits-batch", type=int, default=512)
@@ -769,8 +785,9 @@ def main(argv: list[str] | None = None) -> None:
             out = {"quality": quality(args)}
         elif args.digits:
             out = {"digits": digits(args)}
-        elif args.digits_default:
-            out = {"digits_default": digits_default(args)}
+        elif args.default_config or args.digits_default:
+            data = args.default_config or "digits"
+            out = {"default_config": default_budget(args, data)}
         else:
             out = speed(args, device)
     except KeyboardInterrupt:
