@@ -237,3 +237,19 @@ def test_threads_option_is_validated(tmp_path, capsys):
     assert main(["train", "--threads", "0", "--out", str(tmp_path / "r")]) == 2
     assert "--threads must be >= 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_os_error_without_a_file_name_is_one_clean_line(monkeypatch, capsys, tmp_path):
+    """An OSError that names no file (e.g. ENOSPC from a library) reads
+    'error: No space left on device', exit code 2, no traceback."""
+    import errno
+
+    import exactflow.cli as cli
+
+    def full_disk(args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cli, "_cmd_eval", full_disk)
+    assert main(["eval", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "exactflow eval: error: No space left on device"

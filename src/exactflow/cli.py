@@ -409,8 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"exactflow {args.command}: error: {err}".splitlines()[0], file=sys.stderr)
         return EXIT_FAILED
     except OSError as err:
-        where = f" {err.filename}" if err.filename else ""
-        print(f"exactflow {args.command}: error:{where}: {err.strerror or err}", file=sys.stderr)
+        where = f" {err.filename}:" if err.filename else ""
+        print(f"exactflow {args.command}: error:{where} {err.strerror or err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"exactflow {args.command}: interrupted", file=sys.stderr)
