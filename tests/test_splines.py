@@ -311,3 +311,16 @@ def test_nsf_passes_map_kwargs_to_its_splines():
             if isinstance(getattr(m, "map", None), RationalQuadraticSpline)
         ]
         assert len(maps) == 2 and all(m.derivatives == rule for m in maps)
+
+
+@pytest.mark.parametrize("make", [RationalQuadraticSpline, CubicSpline], ids=["rq", "cubic"])
+def test_one_bin_spline_round_trips(make):
+    """K = 1 (one bin spanning the box) is a valid configuration: knots are exactly +-B."""
+    m = make(bins=1, bound=2.0)
+    g = torch.Generator().manual_seed(0)
+    x = 3.0 * torch.randn(64, generator=g, dtype=torch.float64)
+    params = torch.randn(64, m.num_params, generator=g, dtype=torch.float64)
+    y, ld = m.forward(x, params)
+    x2, ld2 = m.inverse(y, params)
+    assert (x2 - x).abs().max() < 1e-10 and (ld + ld2).abs().max() < 1e-8
+    torch.testing.assert_close(y[x.abs() > 2.0], x[x.abs() > 2.0])

@@ -39,18 +39,35 @@ __all__ = [
 ]
 
 
-def _knots(raw: Tensor, bound: float, min_size: float) -> Tensor:
-    """Knot positions ``(..., K + 1)`` on ``[-bound, bound]`` from unconstrained ``(..., K)``.
+def _knots(raw: Tensor, bound: float, min_size: float | Tensor, dim: int = -1) -> Tensor:
+    """Knot positions (``K + 1`` along ``dim``) on ``[-bound, bound]`` from unconstrained
+    logits (``K`` along ``dim``).
 
     Bin sizes are ``min_size + (1 - K min_size) softmax(raw)`` (fractions of ``2 bound``), so
-    zeros give equal bins. The end knots are set to exactly ``-bound`` and ``bound`` so an
-    input at the edge of the box lands inside the last bin, never past it.
+    zeros give equal bins; ``min_size`` may be a tensor broadcasting against ``raw``. The end
+    knots are set to exactly ``-bound`` and ``bound`` so an input at the edge of the box
+    lands inside the last bin, never past it.
     """
-    k = raw.shape[-1]
-    frac = min_size + (1.0 - k * min_size) * torch.softmax(raw, dim=-1)
-    inner = torch.cumsum(frac[..., :-1], dim=-1).clamp(0.0, 1.0)
-    cum = torch.cat([torch.zeros_like(inner[..., :1]), inner, torch.ones_like(inner[..., :1])], -1)
+    k = raw.shape[dim]
+    frac = min_size + (1.0 - k * min_size) * torch.softmax(raw, dim=dim)
+    inner = torch.cumsum(frac.narrow(dim, 0, k - 1), dim=dim).clamp(0.0, 1.0)
+    edge = frac.narrow(dim, 0, 1)
+    cum = torch.cat([torch.zeros_like(edge), inner, torch.ones_like(edge)], dim=dim)
     return bound * (2.0 * cum - 1.0)
+
+
+def _min_sizes(
+    bins: int, derivatives: str, min_width: float | None, min_height: float | None
+) -> tuple[float, float]:
+    """The smallest bin width and height, ``None`` taking the rule's default:
+    :func:`default_min_size` for ``"bounded"`` (and the cubic spline), 1e-3 for ``"free"``."""
+    if derivatives not in ("bounded", "free"):
+        raise ConfigError(f"derivatives must be 'bounded' or 'free', got {derivatives!r}")
+    fallback = default_min_size(bins) if derivatives == "bounded" else 1e-3
+    return (
+        fallback if min_width is None else min_width,
+        fallback if min_height is None else min_height,
+    )
 
 
 def _locate(v: Tensor, knots: Tensor) -> Tensor:
@@ -71,9 +88,13 @@ def _check(x: Tensor, params: Tensor, num_params: int, name: str) -> None:
         )
 
 
-def _check_config(bins: int, bound: float, mins: dict[str, float]) -> None:
+def _check_bins(bins: int) -> None:
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
         raise ConfigError(f"bins must be a positive int, got {bins!r}")
+
+
+def _check_config(bins: int, bound: float, mins: dict[str, float]) -> None:
+    _check_bins(bins)
     if not (math.isfinite(bound) and bound > 0):
         raise ConfigError(f"bound must be a finite positive number, got {bound!r}")
     for key, value in mins.items():
@@ -107,43 +128,16 @@ def default_min_size(bins: int) -> float:
 
 
 def _bounded_derivatives(slopes: Tensor, raw_d: Tensor) -> Tensor:
-    """Knot derivatives ``(..., K + 1)`` tied to the adjacent bin slopes ``(..., K)``.
+    """Knot derivatives ``(K + 1, *S)`` tied to the adjacent bin slopes ``(K, *S)``, from
+    pre-activations ``(K - 1, *S)`` (bins-first layout).
 
-    Interior ``d_k = min(s_{k-1}, s_k) f(p_k)`` with ``f`` from :func:`_derivative_factor`; the end knots take ``min(1, s)`` of the edge
-    bin (the identity tails are bins of slope 1). A knot derivative far above the bin slope
-    is what makes a rational-quadratic bin nearly flat inside (slope about ``2 s^2 / d``);
-    with this rule the slope everywhere in the box stays within
-    ``[min(lo, 2 / (1 + hi)) min(s), 2 max(s)] = [0.4 min(s), 2 max(s)]``, so float32
-    inverses keep their accuracy.
+    Interior ``d_k = min(s_{k-1}, s_k) f(p_k)`` with ``f`` from :func:`_derivative_factor`;
+    the end knots take ``min(1, s)`` of the edge bin (the identity tails are bins of slope
+    1). A knot derivative far above the bin slope is what makes a rational-quadratic bin
+    nearly flat inside (slope about ``2 s^2 / d``); with this rule the slope everywhere in
+    the box stays within ``[min(lo, 2 / (1 + hi)) min(s), 2 max(s)] = [0.4 min(s), 2 max(s)]``,
+    so float32 inverses keep their accuracy.
     """
-    inner = torch.minimum(slopes[..., :-1], slopes[..., 1:]) * _derivative_factor(raw_d)
-    first = slopes[..., :1].clamp(max=1.0)
-    last = slopes[..., -1:].clamp(max=1.0)
-    return torch.cat([first, inner, last], dim=-1)
-
-
-def _stacked_knots(raw: Tensor, bound: float, min_width: float, min_height: float) -> Tensor:
-    """Knots ``(2, K + 1, *S)`` (x then y) from width and height logits ``(2, K, *S)``.
-
-    The same rule as :func:`_knots`, for both rows at once along dim 1.
-    """
-    k = raw.shape[1]
-    probs = torch.softmax(raw, dim=1)
-    if min_width == min_height:
-        frac = min_width + (1.0 - k * min_width) * probs
-    else:
-        mins = torch.tensor([min_width, min_height], dtype=raw.dtype, device=raw.device)
-        mins = mins.reshape(2, *([1] * (raw.dim() - 1)))
-        frac = mins + (1.0 - k * mins) * probs
-    inner = torch.cumsum(frac[:, :-1], dim=1).clamp(0.0, 1.0)
-    edge = inner[:, :1]
-    cum = torch.cat([torch.zeros_like(edge), inner, torch.ones_like(edge)], dim=1)
-    return bound * (2.0 * cum - 1.0)
-
-
-def _bounded_derivatives_first(slopes: Tensor, raw_d: Tensor) -> Tensor:
-    """:func:`_bounded_derivatives` in the bins-first layout: slopes ``(K, *S)``,
-    pre-activations ``(K - 1, *S)`` -> knot derivatives ``(K + 1, *S)``."""
     inner = torch.minimum(slopes[:-1], slopes[1:]) * _derivative_factor(raw_d)
     return torch.cat([slopes[:1].clamp(max=1.0), inner, slopes[-1:].clamp(max=1.0)], dim=0)
 
@@ -187,18 +181,18 @@ def rational_quadratic_spline(
         map when ``inverse=True``).
     """
     k = (params.shape[-1] + 1) // 3
-    if derivatives not in ("bounded", "free"):
-        raise ConfigError(f"derivatives must be 'bounded' or 'free', got {derivatives!r}")
-    fallback = default_min_size(k) if derivatives == "bounded" else 1e-3
-    min_width = fallback if min_width is None else min_width
-    min_height = fallback if min_height is None else min_height
+    min_width, min_height = _min_sizes(k, derivatives, min_width, min_height)
     # Bins-first layout (P, *S): every reduction below runs along dim 0 over contiguous
     # slabs, which vectorises; a softmax over a short last dim is ~10x slower on CPU.
     raw_wh, raw_d = params.movedim(-1, 0).contiguous().split([2 * k, k - 1], dim=0)
-    knots = _stacked_knots(raw_wh.unflatten(0, (2, k)), bound, min_width, min_height)
+    mins: float | Tensor = min_width
+    if min_width != min_height:  # one rule for both rows: their minimum sizes broadcast
+        mins = torch.tensor([min_width, min_height], dtype=params.dtype, device=params.device)
+        mins = mins.reshape(2, *([1] * params.dim()))
+    knots = _knots(raw_wh.unflatten(0, (2, k)), bound, mins, dim=1)  # (2, K + 1, *S)
     if derivatives == "bounded":
         widths, heights = (knots[:, 1:] - knots[:, :-1]).unbind(0)  # (K, *S) each
-        derivs = _bounded_derivatives_first(heights / widths, raw_d)
+        derivs = _bounded_derivatives(heights / widths, raw_d)
     else:
         shift = math.log(math.expm1(1.0 - min_derivative))
         inner_d = min_derivative + F.softplus(raw_d + shift)
@@ -298,12 +292,9 @@ def monotone_cubic_spline(
         ``(y, logabsdet)``, both of shape ``S``.
     """
     k = params.shape[-1] // 2
-    knots_x = _knots(
-        params[..., :k], bound, default_min_size(k) if min_width is None else min_width
-    )
-    knots_y = _knots(
-        params[..., k:], bound, default_min_size(k) if min_height is None else min_height
-    )
+    min_width, min_height = _min_sizes(k, "bounded", min_width, min_height)
+    knots_x = _knots(params[..., :k], bound, min_width)
+    knots_y = _knots(params[..., k:], bound, min_height)
     widths = knots_x[..., 1:] - knots_x[..., :-1]
     slopes = (knots_y[..., 1:] - knots_y[..., :-1]) / widths
     sl, sr = slopes[..., :-1], slopes[..., 1:]
@@ -370,13 +361,8 @@ class RationalQuadraticSpline(ElementwiseMap):
         min_derivative: float = 1e-3,
         derivatives: str = "bounded",
     ):
-        if derivatives not in ("bounded", "free"):
-            raise ConfigError(f"derivatives must be 'bounded' or 'free', got {derivatives!r}")
-        if not (isinstance(bins, int) and not isinstance(bins, bool) and bins >= 1):
-            raise ConfigError(f"bins must be a positive int, got {bins!r}")
-        fallback = default_min_size(bins) if derivatives == "bounded" else 1e-3
-        min_width = fallback if min_width is None else min_width
-        min_height = fallback if min_height is None else min_height
+        _check_bins(bins)
+        min_width, min_height = _min_sizes(bins, derivatives, min_width, min_height)
         mins = {"min_width": min_width, "min_height": min_height, "min_derivative": min_derivative}
         _check_config(bins, float(bound), {key: float(val) for key, val in mins.items()})
         self.bins = bins
@@ -434,10 +420,8 @@ class CubicSpline(ElementwiseMap):
         min_height: float | None = None,
         newton_steps: int = 40,
     ):
-        if not (isinstance(bins, int) and not isinstance(bins, bool) and bins >= 1):
-            raise ConfigError(f"bins must be a positive int, got {bins!r}")
-        min_width = default_min_size(bins) if min_width is None else min_width
-        min_height = default_min_size(bins) if min_height is None else min_height
+        _check_bins(bins)
+        min_width, min_height = _min_sizes(bins, "bounded", min_width, min_height)
         _check_config(
             bins, float(bound), {"min_width": float(min_width), "min_height": float(min_height)}
         )
