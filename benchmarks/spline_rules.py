@@ -64,12 +64,7 @@ def fit(rule: str, data: str, seed: int, steps: int) -> tuple[float, float]:
     """Test NLL (mean, standard error) on 20k points after ``steps`` Adam steps."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    flow = NSF(2, transforms=5, hidden=(64, 64))
-    for mod in flow.modules():
-        for value in vars(mod).values():
-            if isinstance(value, RationalQuadraticSpline):
-                value.derivatives = rule
-                value.min_width = value.min_height = 1e-3 if rule == "free" else value.min_width
+    flow = NSF(2, transforms=5, hidden=(64, 64), map_kwargs={"derivatives": rule})
     opt = torch.optim.Adam(flow.parameters(), 1e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in range(steps):
