@@ -5,9 +5,12 @@ extreme scales and inputs drawn from normal, heavy-tailed (Cauchy), boundary and
 distributions, every transform must give
 
 * finite outputs, log-dets and gradients (the maths is finite for all these inputs);
-* ``forward`` ladj = −``inverse`` ladj at the image point (relative 1e-6 in float64);
+* ``forward`` ladj = −``inverse`` ladj at the image point (relative max(case tolerance, 1e-6)
+  in float64);
 * a round trip within tolerance for well-conditioned draws: float64, parameter scale <= 1,
-  normal or boundary inputs: relative error <= max(case tolerance, 1e-6).
+  normal or boundary inputs: relative error <= max(case tolerance, 1e-6), or, where the
+  Jacobian itself is ill-conditioned, <= 10 * eps * cond(J) (what any backward-stable inverse
+  loses).
 
 Run ``pytest tests/test_properties.py --long`` for 10^4 cases per transform; with
 ``EXACTFLOW_PROPERTY_REPORT=path.jsonl`` each transform appends one JSON line (cases run,
@@ -27,6 +30,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from exactflow.nets import MADE
+from exactflow.transforms.linear import LULinear
 from exactflow.transforms.registry import CASES, Case
 
 INPUT_KINDS = ("normal", "cauchy", "boundary", "huge")
@@ -74,6 +78,16 @@ def _all_finite(*ts) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in ts)
 
 
+def jacobian_condition(t, x: torch.Tensor, c: torch.Tensor | None) -> float:
+    """2-norm condition number of the forward map's Jacobian at one sample ``x`` (event shape)."""
+
+    def f(xi):
+        return t(xi.unsqueeze(0), None if c is None else c.unsqueeze(0))[0].reshape(-1)
+
+    jac = torch.autograd.functional.jacobian(f, x).reshape(x.numel(), x.numel())
+    return float(torch.linalg.cond(jac))
+
+
 def _sweep(case: Case, tally: dict[str, int]):
     @given(
         shape_i=st.integers(0, len(case.shapes) - 1),
@@ -117,10 +131,18 @@ def _sweep(case: Case, tally: dict[str, int]):
         assert _all_finite(x_rec, ladj_inv), "non-finite inverse output"
         if double and scale <= 1.0 and kind in ("normal", "boundary"):
             tol = max(case.roundtrip_tol, 1e-6)
-            err = float(((x_rec - x.detach()).abs() / (1 + x.detach().abs())).max())
-            assert err <= tol, f"round trip error {err:.3e} > {tol:g}"
+            rel = ((x_rec - x.detach()).abs() / (1 + x.detach().abs())).reshape(batch, -1)
+            err = float(rel.max())
+            if err > tol:
+                # a backward-stable inverse loses eps * cond(J) relative accuracy: an LU factor
+                # with cond 3e9 cannot round-trip to 1e-6 in float64 however it is computed
+                row = int(rel.amax(1).argmax())
+                kappa = jacobian_condition(t, x.detach()[row], None if c is None else c[row])
+                tol = max(tol, 10 * torch.finfo(torch.float64).eps * kappa)
+                assert err <= tol, f"round trip error {err:.3e} > {tol:g} (cond(J) {kappa:.2e})"
             lerr = float(((ladj.detach() + ladj_inv).abs() / (1 + ladj.detach().abs())).max())
-            assert lerr <= 1e-6, f"forward + inverse ladj = {lerr:.3e}"
+            ltol = max(case.ladj_tol, 1e-6)
+            assert lerr <= ltol, f"forward + inverse ladj = {lerr:.3e} > {ltol:g}"
 
     return run
 
@@ -159,6 +181,19 @@ def test_made_gradients_stay_finite_when_masked_products_overflow():
     g = made.weights[0].grad
     assert bool(torch.isfinite(g).all())
     assert bool((g[:, 2] == 0).all())
+
+
+def test_jacobian_condition_of_a_linear_map_is_its_matrix_condition():
+    """The round-trip allowance for ill-conditioned draws rests on this helper."""
+    torch.manual_seed(0)
+    t = LULinear(4).double()
+    with torch.no_grad():
+        for p in t.parameters():
+            p.add_(torch.randn_like(p))
+    x = torch.randn(4, dtype=torch.float64)
+    expected = float(torch.linalg.cond(t.weight().detach()))
+    assert expected > 2.0
+    assert jacobian_condition(t, x, None) == pytest.approx(expected)
 
 
 def summarize(paths: list[str]) -> str:

@@ -173,13 +173,17 @@ CASES: list[Case] = [
         roundtrip_tol=1e-6,
         ladj_tol=1e-6,
     ),
+    # A fixed-step solver run backwards undoes itself only up to its discretisation error,
+    # which falls ~32x per halving of the step (measured, 800 float64 draws at parameter scale
+    # 1, worst round trip / ladj: 10 steps 8.1e-5 / 9.3e-5, 20 steps 2.8e-6 / 4.2e-6, 40 steps
+    # 8.8e-8 / 1.4e-7). 20 steps with a 1e-5 tolerance is the documented figure for this case.
     Case(
         "cnf-fixed-step",
-        lambda s, c: FixedStepCNF(TimeMLP(s[0], (8,), c), t1=0.5, steps=10, context_features=c),
+        lambda s, c: FixedStepCNF(TimeMLP(s[0], (8,), c), t1=0.5, steps=20, context_features=c),
         context=True,
         shapes=((3,),),
-        roundtrip_tol=1e-6,
-        ladj_tol=1e-6,
+        roundtrip_tol=1e-5,
+        ladj_tol=1e-5,
     ),
 ]
 
