@@ -137,6 +137,13 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, args, message):
     assert message in one_line_error(capsys)
 
 
+def test_train_failing_on_its_input_leaves_no_directory(tmp_path, capsys):
+    out = tmp_path / "new" / "run"
+    assert run("train", "--data", tmp_path / "missing.csv", "--out", out, "--quiet") == 2
+    assert "missing.csv: no such file" in one_line_error(capsys)
+    assert not (tmp_path / "new").exists()
+
+
 def test_eval_on_file_checks_columns(tmp_path, tiny, capsys):
     out = tmp_path / "run"
     assert run("train", "--config", tiny, "--out", out, "--quiet", "--no-plots") == 0
@@ -191,8 +198,11 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, capsys):
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert 60 <= step < 300
     assert not (killed / "metrics.json").exists()
+    # what a kill during the checkpoint's write leaves (tests/test_faults.py): resume clears it
+    (killed / ".checkpoint.safetensors.abc123.tmp").write_bytes(b"half a checkpoint")
 
     assert run("train", "--out", killed, "--resume", "--quiet", "--no-plots") == 0
+    assert not list(killed.glob(".*.tmp"))
     a, meta_a = load_checkpoint(ref / "checkpoint.safetensors")
     b, meta_b = load_checkpoint(killed / "checkpoint.safetensors")
     assert meta_a["step"] == meta_b["step"] == 300

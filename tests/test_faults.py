@@ -73,7 +73,9 @@ def _write_forever(path: Path) -> None:
         # 8 MB per checkpoint, so that most kills land in the middle of a write
         ckpt.save_checkpoint(path, {"w": torch.full((2_000_000,), float(i))}, {"i": i})
         if i == start + 2:
-            (path.parent / "ready").write_text(str(i))
+            # renamed into place: the parent polls for the name and must never read it empty
+            (path.parent / "ready.part").write_text(str(i))
+            os.replace(path.parent / "ready.part", path.parent / "ready")
         i += 1
 
 
@@ -106,7 +108,7 @@ def test_repeated_sigkill_while_writing_always_leaves_the_last_complete_checkpoi
         assert torch.equal(tensors["w"], torch.full((2_000_000,), float(meta["i"])))
         last = meta["i"]
     # a kill mid-write strands a temporary file; it is never mistaken for the checkpoint
-    names = {p.name for p in tmp_path.iterdir()} - {"ready"}
+    names = {p.name for p in tmp_path.iterdir()} - {"ready", "ready.part"}
     assert path.name in names
     assert all(n.startswith(".c.safetensors.") and n.endswith(".tmp") for n in names - {path.name})
 

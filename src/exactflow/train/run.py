@@ -206,6 +206,11 @@ def _prepare_out(out: Path, force: bool) -> None:
             )
         for f in OUTPUT_FILES:
             (out / f).unlink(missing_ok=True)
+
+
+def _create_out(out: Path) -> None:
+    """Create ``out`` once the data and the model are known to load, so that a run that
+    fails on its input leaves no empty directory behind; clear stale temporary files."""
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.tmp"):  # left by a killed writer; never a valid file
         stale.unlink(missing_ok=True)
@@ -293,6 +298,7 @@ def _train(
         on_main(dist, lambda: _prepare_out(out, force))
     dataset = _load_main_first(cfg, dist)
     flow, event_shape = _seeded_build(cfg, dataset)
+    on_main(dist, lambda: _create_out(out))  # on resume: a kill mid-write left a .tmp file
     if not resume:
         on_main(dist, lambda: atomic_write_text(out / "config.toml", cfg.to_toml()))
     n_params = sum(p.numel() for p in flow.parameters() if p.requires_grad)
