@@ -649,11 +649,17 @@ def default_budget(args: argparse.Namespace, data: str) -> list[dict]:
         flush=True,
     )
     libs = [lib for lib in available(args.libs) if lib != "zuko+compile"]
-    row: dict = {"model": "nsf", "data": data, "libs": {}}
+    # (label, library, exactflow spline map_kwargs): each --exactflow-map-kwargs is one more
+    # exactflow contender, trained on the same seeds so it pairs with every other library
+    variants = [(lib, lib, None) for lib in libs]
+    for text in args.exactflow_map_kwargs or []:
+        variants.append((f"exactflow {text}", "exactflow", _map_kwargs(text)))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    row: dict = {"model": "nsf", "data": data, "seeds": seeds, "libs": {}}
     unit = "nats"
-    for lib in libs:
+    for label, lib, map_kwargs in variants:
         runs = []
-        for seed in range(args.first_seed, args.first_seed + args.seeds):
+        for seed in seeds:
             cfg = RunConfig.from_dict({"seed": seed, "train": {"progress": False}}, base)
             dataset = load_dataset(cfg.data, cfg.seed, **cfg.data_args)
             d = dataset.features
@@ -662,7 +668,10 @@ def default_budget(args: argparse.Namespace, data: str) -> list[dict]:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed)
                     if lib == "exactflow":
-                        flow, _ = build_flow(cfg.model, cfg.model_args, dataset.meta(), dataset)
+                        model_args = dict(cfg.model_args)
+                        if map_kwargs is not None:
+                            model_args["map_kwargs"] = map_kwargs
+                        flow, _ = build_flow(cfg.model, model_args, dataset.meta(), dataset)
                     else:
                         c = build(lib, "nsf", d, torch.device("cpu"), seed=seed, lu=args.lu)
                         flow = _as_exactflow(c, dataset.preprocess((d,)), d)
@@ -684,13 +693,15 @@ def default_budget(args: argparse.Namespace, data: str) -> list[dict]:
                     "params": params,
                 }
             except Exception as exc:
-                print(f"# {lib} nsf {data} seed {seed}: {type(exc).__name__}: {exc}")
+                print(f"# {label} nsf {data} seed {seed}: {type(exc).__name__}: {exc}")
                 run = {"nll": math.nan, "train_s": math.nan, "steps": 0, "best_step": -1}
-            print(f"#   {lib} seed {seed}: {json.dumps(run)}", flush=True)
+            print(f"#   {label} seed {seed}: {json.dumps(run)}", flush=True)
             runs.append(run)
         mean, se = _mean_se([r["nll"] for r in runs])
-        row["libs"][lib] = {"mean": mean, "se": se, "runs": runs}
-        print(f"# {data} nsf {lib}: {mean:.4f} ± {se:.4f} {unit}", flush=True)
+        row["libs"][label] = {"mean": mean, "se": se, "runs": runs}
+        print(f"# {data} nsf {label}: {mean:.4f} ± {se:.4f} {unit}", flush=True)
+    if args.reference:
+        _merge_reference(row, args.reference)
     print(
         f"\n{data} test NLL ({unit}) at exactflow's default {data} budget "
         f"({t.steps} steps x {t.batch_size}), every library fitted by exactflow's Trainer; "
@@ -712,8 +723,63 @@ def default_budget(args: argparse.Namespace, data: str) -> list[dict]:
         )
     header = ["library", "params", "steps", "best step", "train s/run", unit, "per seed"]
     print(_table(header, rows))
-    _quality_table([row], libs, unit)
+    _paired_table(row, unit)
+    _quality_table([row], [lib for lib in row["libs"] if "{" not in lib], unit)
     return [row]
+
+
+def _map_kwargs(text: str) -> dict:
+    """A ``--exactflow-map-kwargs`` value: a JSON object of spline arguments."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"--exactflow-map-kwargs: not JSON ({err}): {text!r}") from err
+    if not isinstance(value, dict):
+        raise SystemExit(f"--exactflow-map-kwargs: expected a JSON object, got {text!r}")
+    return value
+
+
+def _merge_reference(row: dict, path: str) -> None:
+    """Add the contenders of an earlier ``--default-config --json`` run on the same data and
+    seeds that this run did not train (training is deterministic at a fixed thread count,
+    so the earlier runs pair with these seed by seed)."""
+    with open(path) as fh:
+        ref = json.load(fh)["default_config"][0]
+    if ref["data"] != row["data"] or ref.get("seeds") != row["seeds"]:
+        raise SystemExit(
+            f"--reference {path}: data {ref['data']!r} seeds {ref.get('seeds')}, "
+            f"this run has {row['data']!r} seeds {row['seeds']}"
+        )
+    for label, value in ref["libs"].items():
+        if label not in row["libs"]:
+            row["libs"][label] = value
+            print(f"# {label}: {value['mean']:.4f} ± {value['se']:.4f} (from {path})")
+
+
+def _paired_table(row: dict, unit: str) -> None:
+    """Seed-by-seed differences ``contender - reference`` (mean ± s.e. over seeds) against
+    zuko and against exactflow's default, whichever of them ran: seeds share the split and
+    the batches, so the paired difference has far less noise than the two means."""
+    refs = [r for r in ("zuko", "exactflow") if r in row["libs"]]
+    if not refs or len(row["libs"]) < 2:
+        return
+    rows = []
+    for label, value in row["libs"].items():
+        cells = [label, f"{value['mean']:.4f} ± {value['se']:.4f}"]
+        for ref in refs:
+            diffs = [
+                a["nll"] - b["nll"]
+                for a, b in zip(value["runs"], row["libs"][ref]["runs"], strict=True)
+            ]
+            mean, se = _mean_se(diffs)
+            wins = sum(x < 0 for x in diffs)
+            cells.append("-" if label == ref else f"{mean:+.4f} ± {se:.4f} ({wins}/{len(diffs)})")
+        rows.append(cells)
+    print(
+        f"\nPaired differences ({unit}, lower is better; (n/N) = seeds where the contender is "
+        "lower)"
+    )
+    print(_table(["contender", unit, *[f"- {ref}" for ref in refs]], rows))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -724,7 +790,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--dims", type=int, nargs="+", default=[2, 16, 64])
     ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    ap.add_argument("--libs", nargs="+", choices=LIBRARIES, default=list(LIBRARIES))
+    ap.add_argument(
+        "--libs",
+        nargs="*",
+        choices=LIBRARIES,
+        default=list(LIBRARIES),
+        help="contenders (none: only the --exactflow-map-kwargs variants)",
+    )
     ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median taken)")
     ap.add_argument("--target", type=float, default=0.3, help="seconds per timed measurement")
@@ -752,6 +824,20 @@ def main(argv: list[str] | None = None) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="--default-config: give the peers' NSF exactflow's LU-linear layers (default on)",
+    )
+    ap.add_argument(
+        "--exactflow-map-kwargs",
+        metavar="JSON",
+        action="append",
+        default=None,
+        help="--default-config: one more exactflow NSF whose splines get these arguments, "
+        "e.g. '{\"derivative_range\": [0.25, 8]}' (repeatable)",
+    )
+    ap.add_argument(
+        "--reference",
+        metavar="FILE",
+        default=None,
+        help="--default-config: pair with the contenders of an earlier --json run (same seeds)",
     )
     ap.add_argument("--datasets", nargs="+", default=["moons", "8gaussians"])
     ap.add_argument("--steps", type=int, default=500, help="quality: Adam steps")

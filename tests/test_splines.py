@@ -268,6 +268,11 @@ def test_resolve_map_names_and_kwargs():
         (lambda: RationalQuadraticSpline(bins=8, min_width=0.2), "min_width"),
         (lambda: RationalQuadraticSpline(min_derivative=1.0), "min_derivative"),
         (lambda: CubicSpline(min_height=0.0), "min_height"),
+        (lambda: RationalQuadraticSpline(derivative_range=(1.0, 4.0)), "derivative_range"),
+        (lambda: RationalQuadraticSpline(derivative_range=(0.5, 0.9)), "derivative_range"),
+        (lambda: RationalQuadraticSpline(derivative_range=(0.5,)), "derivative_range"),
+        (lambda: RationalQuadraticSpline(derivative_range="ab"), "derivative_range"),
+        (lambda: RationalQuadraticSpline(derivative_range=(0.5, math.inf)), "derivative_range"),
         (lambda: CubicSpline(newton_steps=0), "newton_steps"),
     ],
 )
@@ -324,3 +329,35 @@ def test_one_bin_spline_round_trips(make):
     x2, ld2 = m.inverse(y, params)
     assert (x2 - x).abs().max() < 1e-10 and (ld + ld2).abs().max() < 1e-8
     torch.testing.assert_close(y[x.abs() > 2.0], x[x.abs() > 2.0])
+
+
+def rq_slope_floor(lo: float, hi: float) -> float:
+    """Smallest slope, relative to the bin slope ``s``, of a rational-quadratic bin whose
+    knot derivatives are ``a s`` and ``b s`` with ``a, b`` in ``[lo, hi]`` (a grid search of
+    ``(b xi^2 + 2 xi(1-xi) + a (1-xi)^2) / (1 + (a + b - 2) xi(1-xi))^2``)."""
+    f = torch.logspace(math.log10(lo), math.log10(hi), 81, dtype=torch.float64)
+    a, b, xi = torch.meshgrid(f, f, torch.linspace(0, 1, 401, dtype=torch.float64), indexing="ij")
+    mix = xi * (1 - xi)
+    return ((b * xi**2 + 2 * mix + a * (1 - xi) ** 2) / (1 + (a + b - 2) * mix) ** 2).min().item()
+
+
+@pytest.mark.parametrize("factors", [(0.5, 4.0), (0.25, 8.0), (0.1, 10.0)])
+def test_derivative_range_bounds_the_slope(factors):
+    """With knot-derivative factors in ``(lo, hi)`` the slope in the box stays at or above
+    :func:`rq_slope_floor` times the smallest possible bin slope at extreme params (float64,
+    so the bound itself is tested, not rounding); 0.4 at the default (0.5, 4)."""
+    lo, hi = factors
+    m = RationalQuadraticSpline(bins=8, bound=BOUND, derivative_range=[lo, hi])
+    assert m.derivative_range == (lo, hi)
+    g = torch.Generator().manual_seed(9)
+    params = extreme_params(10_000, m.num_params, g).double()
+    x = hard_inputs(m, params, False, g)
+    x = torch.where(x.abs() <= m.bound, x, x / 1e6)
+    y, ld = m.forward(x, params)
+    smallest_bin_slope = m.min_height / (1.0 - (m.bins - 1) * m.min_width)
+    floor = rq_slope_floor(lo, hi) * smallest_bin_slope
+    assert ld.exp().min() >= 0.999 * floor  # the grid search overestimates the min slightly
+    # extreme params do reach it: a wider range makes the map flatter
+    assert ld.exp().min() < 1.5 * floor
+    x2, _ = m.inverse(y, params)
+    assert (x2 - x).abs().max() < 1e-10 / floor

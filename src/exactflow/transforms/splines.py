@@ -21,6 +21,7 @@ The maths is in the pure functions :func:`rational_quadratic_spline` and
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -103,18 +104,35 @@ def _check_config(bins: int, bound: float, mins: dict[str, float]) -> None:
             raise ConfigError(f"{key} must lie in (0, {limit:g}) for bins={bins}, got {value!r}")
 
 
+def _check_range(factors: Sequence[float] | None) -> tuple[float, float]:
+    """``factors`` as a ``(lo, hi)`` pair of floats with ``0 < lo < 1 < hi`` (``None``:
+    :data:`DERIVATIVE_RANGE`); ``f(0) = 1`` needs 1 strictly inside."""
+    if factors is None:
+        return DERIVATIVE_RANGE
+    if isinstance(factors, (str, bytes)) or not isinstance(factors, Sequence):
+        raise ConfigError(f"derivative_range must be a (lo, hi) pair, got {factors!r}")
+    if len(factors) != 2 or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in factors
+    ):
+        raise ConfigError(f"derivative_range must be a (lo, hi) pair, got {factors!r}")
+    lo, hi = float(factors[0]), float(factors[1])
+    if not (0.0 < lo < 1.0 < hi < math.inf):
+        raise ConfigError(f"derivative_range must satisfy 0 < lo < 1 < hi < inf, got {factors!r}")
+    return lo, hi
+
+
 DERIVATIVE_RANGE = (0.5, 4.0)
 """Bounded knot derivatives: ``d_k`` lies in this range times ``min(s_{k-1}, s_k)``.
 The upper end trades conditioning for flexibility: (0.5, 2) cost 0.03 nats on 8gaussians
 (NSF, 1,500 steps, 2 seeds) against the paper's free rule, (0.5, 4) 0.006-0.010."""
 
 
-def _derivative_factor(raw_d: Tensor) -> Tensor:
-    """``f(p)`` onto :data:`DERIVATIVE_RANGE` with ``f(0) = 1`` and unit slope of ``log f``
+def _derivative_factor(raw_d: Tensor, factors: tuple[float, float]) -> Tensor:
+    """``f(p)`` onto ``factors = (lo, hi)`` with ``f(0) = 1`` and unit slope of ``log f``
     at 0 (as the free rule's softplus): ``log f = a tanh(p / a)``, ``a = log hi`` for
     ``p > 0`` and ``-log lo`` below. (A sigmoid there trained 0.02-0.03 nats worse in
     200-step NSF runs.)"""
-    lo, hi = DERIVATIVE_RANGE
+    lo, hi = factors
     up, down = math.log(hi), -math.log(lo)
     return torch.where(
         raw_d > 0, up * torch.tanh(raw_d / up), down * torch.tanh(raw_d / down)
@@ -127,18 +145,23 @@ def default_min_size(bins: int) -> float:
     return min(0.02, 0.5 / bins)
 
 
-def _bounded_derivatives(slopes: Tensor, raw_d: Tensor) -> Tensor:
+def _bounded_derivatives(
+    slopes: Tensor, raw_d: Tensor, factors: tuple[float, float] = DERIVATIVE_RANGE
+) -> Tensor:
     """Knot derivatives ``(K + 1, *S)`` tied to the adjacent bin slopes ``(K, *S)``, from
     pre-activations ``(K - 1, *S)`` (bins-first layout).
 
-    Interior ``d_k = min(s_{k-1}, s_k) f(p_k)`` with ``f`` from :func:`_derivative_factor`;
+    Interior ``d_k = min(s_{k-1}, s_k) f(p_k)`` with ``f`` from :func:`_derivative_factor`
+    in ``factors`` (default :data:`DERIVATIVE_RANGE`);
     the end knots take ``min(1, s)`` of the edge bin (the identity tails are bins of slope
     1). A knot derivative far above the bin slope is what makes a rational-quadratic bin
     nearly flat inside (slope about ``2 s^2 / d``); with this rule the slope everywhere in
-    the box stays within ``[min(lo, 2 / (1 + hi)) min(s), 2 max(s)] = [0.4 min(s), 2 max(s)]``,
-    so float32 inverses keep their accuracy.
+    the box stays within ``[c min(s), 2 max(s)]``, so float32 inverses keep their accuracy.
+    ``c`` is the smallest in-bin slope over knot derivatives ``a s, b s`` with ``a, b`` in
+    ``factors``: 0.4 for the default (0.5, 4) (``a = b = hi``, ``2 / (1 + hi)``), but the
+    mixed ``a = hi, b = lo`` is flatter for wider ranges: 0.19 at (0.25, 8), 0.1 at (0.1, 10).
     """
-    inner = torch.minimum(slopes[:-1], slopes[1:]) * _derivative_factor(raw_d)
+    inner = torch.minimum(slopes[:-1], slopes[1:]) * _derivative_factor(raw_d, factors)
     return torch.cat([slopes[:1].clamp(max=1.0), inner, slopes[-1:].clamp(max=1.0)], dim=0)
 
 
@@ -151,6 +174,7 @@ def rational_quadratic_spline(
     min_height: float | None = None,
     min_derivative: float = 1e-3,
     derivatives: str = "bounded",
+    derivative_range: tuple[float, float] = DERIVATIVE_RANGE,
     inverse: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Monotone rational-quadratic spline on ``[-bound, bound]``, identity outside.
@@ -174,6 +198,8 @@ def rational_quadratic_spline(
             K = 8) and float32 round trips stay accurate for any parameters; ``"free"`` is
             the paper's ``d = min_derivative + softplus(p)``, boundary derivatives 1, whose
             slope can fall to ~1e-7 at extreme parameters (where float32 cannot invert).
+        derivative_range: ``(lo, hi)``, ``0 < lo < 1 < hi``: the range of the factor
+            ``f`` of the ``"bounded"`` rule (ignored by ``"free"``).
         inverse: evaluate the inverse map instead.
 
     Returns:
@@ -192,7 +218,7 @@ def rational_quadratic_spline(
     knots = _knots(raw_wh.unflatten(0, (2, k)), bound, mins, dim=1)  # (2, K + 1, *S)
     if derivatives == "bounded":
         widths, heights = (knots[:, 1:] - knots[:, :-1]).unbind(0)  # (K, *S) each
-        derivs = _bounded_derivatives(heights / widths, raw_d)
+        derivs = _bounded_derivatives(heights / widths, raw_d, derivative_range)
     else:
         shift = math.log(math.expm1(1.0 - min_derivative))
         inner_d = min_derivative + F.softplus(raw_d + shift)
@@ -350,6 +376,8 @@ class RationalQuadraticSpline(ElementwiseMap):
         min_derivative: smallest knot derivative (< 1), for ``derivatives="free"``.
         derivatives: ``"bounded"`` (default: slope in the box bounded away from 0 and
             infinity, float32-invertible at any parameters) or ``"free"`` (the paper's).
+        derivative_range: ``(lo, hi)`` with ``0 < lo < 1 < hi``: the factor range of the
+            bounded rule's knot derivatives (``None``: :data:`DERIVATIVE_RANGE`).
     """
 
     def __init__(
@@ -360,11 +388,13 @@ class RationalQuadraticSpline(ElementwiseMap):
         min_height: float | None = None,
         min_derivative: float = 1e-3,
         derivatives: str = "bounded",
+        derivative_range: Sequence[float] | None = None,
     ):
         _check_bins(bins)
         min_width, min_height = _min_sizes(bins, derivatives, min_width, min_height)
         mins = {"min_width": min_width, "min_height": min_height, "min_derivative": min_derivative}
         _check_config(bins, float(bound), {key: float(val) for key, val in mins.items()})
+        self.derivative_range = _check_range(derivative_range)
         self.bins = bins
         self.bound = float(bound)
         self.min_width = float(min_width)
@@ -383,6 +413,7 @@ class RationalQuadraticSpline(ElementwiseMap):
             min_height=self.min_height,
             min_derivative=self.min_derivative,
             derivatives=self.derivatives,
+            derivative_range=self.derivative_range,
             inverse=inverse,
         )
 
