@@ -27,7 +27,9 @@ every library's model (the peers' with an identity-initialised LU-linear layer b
 spline layer, as exactflow's NSF has; ``--no-lu`` for their stock NSF) is fitted by exactflow's
 ``Trainer`` on the same split, batches and dequantisation noise, so only the model differs;
 ``--default-config DATA`` does the same at any data set's default (``moons``: the bare
-``exactflow train``, test NLL in nats).
+``exactflow train``, test NLL in nats). There ``--exactflow-map-kwargs JSON`` adds exactflow
+NSFs with other spline arguments, paired seed by seed against zuko and exactflow's default
+(``--reference`` reuses an earlier ``--json`` run's contenders instead of retraining them).
 
     python benchmarks/peers.py --quick
     python benchmarks/peers.py --device cpu --dims 2 16 64 --models maf nsf realnvp --rounds 7
@@ -35,6 +37,8 @@ spline layer, as exactflow's NSF has; ``--no-lu`` for their stock NSF) is fitted
     python benchmarks/peers.py --digits --models nsf
     python benchmarks/peers.py --digits-default --threads 1 --seeds 3
     python benchmarks/peers.py --default-config moons --threads 1 --seeds 3
+    python benchmarks/peers.py --default-config moons --threads 1 --seeds 8 --libs zuko \
+        --exactflow-map-kwargs '{"min_width": 0.01, "min_height": 0.01}'
 
 Peers are used only through their public APIs (``pip install -e .[bench]``); a library that is
 missing or fails is reported and skipped.
