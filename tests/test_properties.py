@@ -15,6 +15,9 @@ distributions, every transform must give
 Run ``pytest tests/test_properties.py --long`` for 10^4 cases per transform; with
 ``EXACTFLOW_PROPERTY_REPORT=path.jsonl`` each transform appends one JSON line (cases run,
 failing cases, seconds, first error) to ``path.jsonl`` -- the table in docs/reliability.md.
+A run may be cut at a time budget with ``timeout -s INT SECONDS pytest ...`` (SIGINT: the row
+is still written, marked stopped, without the interrupted draw; run it in the foreground, as
+a non-interactive shell's background jobs ignore SIGINT).
 """
 
 from __future__ import annotations
@@ -102,6 +105,11 @@ def _sweep(case: Case, tally: dict[str, int]):
         tally["cases"] += 1
         try:
             check(shape_i, batch, double, scale, kind, with_ctx, seed)
+        except KeyboardInterrupt:
+            # a sweep stopped at its time budget (SIGINT): the draw it cut short is no result
+            tally["cases"] -= 1
+            tally["stopped"] = 1
+            raise
         except BaseException:
             tally["failing"] += 1
             raise
@@ -207,11 +215,13 @@ def summarize(paths: list[str]) -> str:
                 acc = rows.setdefault(r["case"], {"cases": 0, "failing": 0, "seconds": 0.0})
                 for key in ("cases", "failing", "seconds"):
                     acc[key] += r[key]
-                if r["error"]:
+                acc["stopped"] = acc.get("stopped", 0) + r.get("stopped", 0)
+                if r["error"] and not r.get("stopped"):
                     errors.setdefault(r["case"], r["error"])
     out = ["| transform | cases run | failing | wall time (s) |", "|---|---:|---:|---:|"]
     for name, r in rows.items():
-        out.append(f"| {name} | {r['cases']:,} | {r['failing']} | {r['seconds']:.0f} |")
+        stopped = f" ({r['stopped']} run(s) stopped at a time budget)" if r.get("stopped") else ""
+        out.append(f"| {name} | {r['cases']:,}{stopped} | {r['failing']} | {r['seconds']:.0f} |")
     total = sum(r["cases"] for r in rows.values())
     failing = sum(r["failing"] for r in rows.values())
     out.append(f"| **all {len(rows)}** | **{total:,}** | **{failing}** | |")
