@@ -194,7 +194,13 @@ def test_amortised_planar_starts_context_free_then_depends_on_context():
 # for three seeds, and why some stay above 0.1, are in docs/guide/vi.md
 ACCEPTANCE = {
     "planar": (lambda: Planar(2, 32, for_sampling=True), {"steps": 3000, "lr": 5e-3}),
-    "nsf": (lambda: NSF(2, transforms=4, hidden=(32, 32)), {"steps": 2000, "lr": 3e-3}),
+    # knot-derivative factors in (0.5, 2) instead of the density-estimation default (0.5, 4):
+    # reverse KL lands in a kinked-ridge basin for 6 of 10 seeds on U2 with (0.5, 4), for 1 of
+    # 20 fits over U1-U4 x seeds 0-4 with (0.5, 2) (docs/guide/vi.md)
+    "nsf": (
+        lambda: NSF(2, transforms=4, hidden=(32, 32), map_kwargs={"derivative_range": (0.5, 2)}),
+        {"steps": 2000, "lr": 3e-3},
+    ),
 }
 # measured planar-32 gaps, seeds 0, 1, 2: U3 0.224, 0.205, 0.257; U4 0.131, 0.096, 0.220
 SHORT_OF_TARGET = {("U3", "planar"), ("U4", "planar")}
