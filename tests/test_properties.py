@@ -206,21 +206,21 @@ def test_jacobian_condition_of_a_linear_map_is_its_matrix_condition():
 
 def summarize(paths: list[str]) -> str:
     """Markdown table of cases run / failing per transform, summed over report files."""
-    rows: dict[str, dict] = {c.name: {"cases": 0, "failing": 0, "seconds": 0.0} for c in CASES}
+    keys = ("cases", "failing", "seconds", "stopped")
+    rows: dict[str, dict] = {c.name: dict.fromkeys(keys, 0) for c in CASES}
     errors: dict[str, str] = {}
     for path in paths:
         with open(path) as fh:
             for line in fh:
                 r = json.loads(line)
-                acc = rows.setdefault(r["case"], {"cases": 0, "failing": 0, "seconds": 0.0})
-                for key in ("cases", "failing", "seconds"):
-                    acc[key] += r[key]
-                acc["stopped"] = acc.get("stopped", 0) + r.get("stopped", 0)
+                acc = rows.setdefault(r["case"], dict.fromkeys(keys, 0))
+                for key in keys:  # rows written before stopped runs were reported lack it
+                    acc[key] += r.get(key, 0)
                 if r["error"] and not r.get("stopped"):
                     errors.setdefault(r["case"], r["error"])
     out = ["| transform | cases run | failing | wall time (s) |", "|---|---:|---:|---:|"]
     for name, r in rows.items():
-        stopped = f" ({r['stopped']} run(s) stopped at a time budget)" if r.get("stopped") else ""
+        stopped = f" ({r['stopped']} run(s) stopped at a time budget)" if r["stopped"] else ""
         out.append(f"| {name} | {r['cases']:,}{stopped} | {r['failing']} | {r['seconds']:.0f} |")
     total = sum(r["cases"] for r in rows.values())
     failing = sum(r["failing"] for r in rows.values())
