@@ -728,7 +728,7 @@ def default_budget(args: argparse.Namespace, data: str) -> list[dict]:
     header = ["library", "params", "steps", "best step", "train s/run", unit, "per seed"]
     print(_table(header, rows))
     _paired_table(row, unit)
-    _quality_table([row], [lib for lib in row["libs"] if "{" not in lib], unit)
+    _quality_table([row], [lib for lib in row["libs"] if lib in LIBRARIES], unit)
     return [row]
 
 
