@@ -191,35 +191,34 @@ def test_amortised_planar_starts_context_free_then_depends_on_context():
 
 
 # issue 8's acceptance point at the configuration of benchmarks/vi.py (seed 0); measured gaps
-# for three seeds, and why some stay above 0.1, are in docs/guide/vi.md
+# over seeds are in docs/guide/vi.md
 ACCEPTANCE = {
-    "planar": (lambda: Planar(2, 32, for_sampling=True), {"steps": 3000, "lr": 5e-3}),
+    # 15 000 steps with beta annealed over 5 000: at 3 000 / 1 000 the planar flow stopped
+    # 0.10-0.26 nats short on U3/U4 for seeds 0-2 (docs/guide/vi.md)
+    "planar": (
+        lambda: Planar(2, 32, for_sampling=True),
+        {"steps": 15000, "lr": 5e-3, "anneal": 5000},
+    ),
     # knot-derivative factors in (0.5, 2) instead of the density-estimation default (0.5, 4):
     # reverse KL lands in a kinked-ridge basin for 6 of 10 seeds on U2 with (0.5, 4), for 1 of
     # 20 fits over U1-U4 x seeds 0-4 with (0.5, 2) (docs/guide/vi.md)
     "nsf": (
         lambda: NSF(2, transforms=4, hidden=(32, 32), map_kwargs={"derivative_range": (0.5, 2)}),
-        {"steps": 2000, "lr": 3e-3},
+        {"steps": 2000, "lr": 3e-3, "anneal": 1000},
     ),
 }
-# measured planar-32 gaps, seeds 0, 1, 2: U3 0.224, 0.205, 0.257; U4 0.131, 0.096, 0.220
-SHORT_OF_TARGET = {("U3", "planar"), ("U4", "planar")}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flow_name", list(ACCEPTANCE))
 @pytest.mark.parametrize("target", list(TARGETS))
-def test_elbo_within_a_tenth_of_a_nat_of_log_z(target, flow_name, request):
-    if (target, flow_name) in SHORT_OF_TARGET:
-        request.applymarker(
-            pytest.mark.xfail(strict=True, reason="measured short of 0.1 (docs/guide/vi.md)")
-        )
+def test_elbo_within_a_tenth_of_a_nat_of_log_z(target, flow_name):
     log_z = log_z_grid(target)  # quadrature on a 1201^2 grid over [-8, 8]^2
     build, kwargs = ACCEPTANCE[flow_name]
     torch.manual_seed(0)
     flow = learnable_base(build())
     flow.validate = False
-    res = fit_vi(flow, target, batch_size=256, warmup=100, anneal=1000, seed=0, **kwargs)
+    res = fit_vi(flow, target, batch_size=256, warmup=100, seed=0, **kwargs)
     assert res.elbo_se < 0.005  # 10^5 samples: the 0.1 criterion is not a matter of noise
     assert res.elbo <= log_z + 3 * res.elbo_se
     assert log_z - res.elbo < 0.1
