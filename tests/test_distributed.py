@@ -126,6 +126,9 @@ def _worker(rank: int, store: str, out: str, task: str) -> None:
     )
     try:
         TASKS[task](rank, Path(out))
+        # as in exactflow's own session(): a rank that tears its group down while the other
+        # is still finishing (rank 0 writes metrics) can make that rank abort (SIGABRT in CI)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
