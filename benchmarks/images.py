@@ -70,12 +70,11 @@ def load(name: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, tuple, i
 def build(args, model: str, data: str, shape, levels: int, dequantization: str) -> Flow:
     big = data == "mnist"
     vd = {"depth": 2, "hidden_channels": 16} if dequantization == "variational" else {}
+    hidden = args.hidden or (64 if big else 32)
     if model == "glow":
         depth = args.depth or (6 if big else 4)
-        hidden = args.hidden or (64 if big else 32)
         m = Glow(shape, levels=2, depth=depth, hidden_channels=hidden)
     elif model == "realnvp-image":
-        hidden = args.hidden or (64 if big else 32)
         m = RealNVPImage(shape, levels=2, couplings=3, hidden_channels=hidden)
     else:  # vector RealNVP on the flattened image, same pre-processing
         d = math.prod(shape)

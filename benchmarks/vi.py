@@ -95,9 +95,9 @@ def main() -> None:
         flows = {}
         for seed in args.seeds:
             for kind in args.flows:
-                steps = args.planar_steps if kind == "planar" else args.nsf_steps
-                lr = args.planar_lr if kind == "planar" else args.nsf_lr
-                anneal = args.planar_anneal if kind == "planar" else args.nsf_anneal
+                steps, lr, anneal = (
+                    getattr(args, f"{kind}_{k}") for k in ("steps", "lr", "anneal")
+                )
                 torch.manual_seed(seed)
                 flow = build(kind)
                 flow.validate = False
