@@ -194,6 +194,13 @@ def main() -> None:
     p.add_argument("--adjoint", action="store_true", help="adjoint gradients (default: direct)")
     p.add_argument("--kinetic", type=float, default=0.05)
     p.add_argument("--jacobian", type=float, default=0.05)
+    p.add_argument("--smoothness", type=float, default=0.0, help="weight of ∫‖df/dt‖² dt")
+    p.add_argument(
+        "--derivative",
+        default="partial",
+        choices=["partial", "total"],
+        help="df/dt for --smoothness: ∂f/∂t, or the acceleration along the path",
+    )
     p.add_argument("--n-train", type=int, default=20_000)
     p.add_argument("--n-test", type=int, default=5_000)
     p.add_argument("--eval-batch", type=int, default=1000)
@@ -207,7 +214,12 @@ def main() -> None:
     for name in args.datasets:
         for seed in args.seeds:
             for setting in args.settings:
-                rnode = RNODE(kinetic=args.kinetic, jacobian=args.jacobian)
+                rnode = RNODE(
+                    kinetic=args.kinetic,
+                    jacobian=args.jacobian,
+                    smoothness=args.smoothness,
+                    derivative=args.derivative,
+                )
                 results.append(run(name, rnode if setting == "rnode" else None, seed, args))
                 if args.out:  # after every run, so a cut-short benchmark keeps what it measured
                     with open(args.out, "w") as f:
