@@ -51,6 +51,7 @@ from exactflow.data import LogitPreprocess, bits_per_dim, load_mnist_subset
 from exactflow.dequantization import pixel_flow
 from exactflow.models import Glow, RealNVP, RealNVPImage
 from exactflow.transforms import Compose
+from exactflow.transforms.splines import RationalQuadraticSpline
 
 
 def load(name: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, tuple, int]:
@@ -73,7 +74,8 @@ def build(args, model: str, data: str, shape, levels: int, dequantization: str) 
     hidden = args.hidden or (64 if big else 32)
     if model == "glow":
         depth = args.depth or (6 if big else 4)
-        m = Glow(shape, levels=2, depth=depth, hidden_channels=hidden)
+        coupling = "affine" if args.coupling == "affine" else RationalQuadraticSpline(args.bins)
+        m = Glow(shape, levels=2, depth=depth, hidden_channels=hidden, coupling=coupling)
     elif model == "realnvp-image":
         m = RealNVPImage(shape, levels=2, couplings=3, hidden_channels=hidden)
     else:  # vector RealNVP on the flattened image, same pre-processing
@@ -164,6 +166,8 @@ def run(args, data: str, model: str, dequantization: str) -> dict:
         "wall_seconds": round(time.perf_counter() - start, 1),
         "parameters": sum(p.numel() for p in flow.parameters()),
         "schedule": args.schedule,
+        "coupling": args.coupling if model == "glow" else None,
+        "bins": args.bins if model == "glow" and args.coupling == "rq-spline" else None,
         "curve": curve,
     }
     if args.checkpoint:
@@ -216,6 +220,13 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (the budget is then host CPU time)")
     p.add_argument("--depth", type=int, default=0, help="Glow steps per level (0 = default)")
     p.add_argument("--hidden", type=int, default=0, help="coupling net width (0 = default)")
+    p.add_argument(
+        "--coupling",
+        choices=["affine", "rq-spline"],
+        default="affine",
+        help="Glow's coupling map (the spline on [-5, 5] with linear tails)",
+    )
+    p.add_argument("--bins", type=int, default=8, help="spline bins for --coupling rq-spline")
     p.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
     p.add_argument("--eval-every", type=float, default=0.0, help="test bpd every N CPU-minutes")
     p.add_argument("--checkpoint", default="", help="save the final state_dict to PREFIX.*.pt")

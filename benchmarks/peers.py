@@ -29,7 +29,9 @@ spline layer, as exactflow's NSF has; ``--no-lu`` for their stock NSF) is fitted
 ``--default-config DATA`` does the same at any data set's default (``moons``: the bare
 ``exactflow train``, test NLL in nats). There ``--exactflow-map-kwargs JSON`` adds exactflow
 NSFs with other spline arguments, paired seed by seed against zuko and exactflow's default
-(``--reference`` reuses an earlier ``--json`` run's contenders instead of retraining them).
+(``--reference`` reuses an earlier ``--json`` run's contenders instead of retraining them),
+and ``--peer-adam-lr LR ...`` trains the peers the way their own examples do instead -- a
+plain constant-learning-rate Adam loop, same steps and batches, last weights -- once per LR.
 
     python benchmarks/peers.py --quick
     python benchmarks/peers.py --device cpu --dims 2 16 64 --models maf nsf realnvp --rounds 7
@@ -39,6 +41,8 @@ NSFs with other spline arguments, paired seed by seed against zuko and exactflow
     python benchmarks/peers.py --default-config moons --threads 1 --seeds 3
     python benchmarks/peers.py --default-config moons --threads 1 --seeds 8 --libs zuko \
         --exactflow-map-kwargs '{"min_width": 0.01, "min_height": 0.01}'
+    python benchmarks/peers.py --default-config moons --threads 1 --seeds 8 \
+        --peer-adam-lr 1e-3 2e-3 5e-3
 
 Peers are used only through their public APIs (``pip install -e .[bench]``); a library that is
 missing or fails is reported and skipped.
@@ -621,6 +625,20 @@ def _as_exactflow(c: Contender, pre: nn.Module, d: int) -> nn.Module:
     return PeerFlow()
 
 
+# ``--peer-adam-lr``: what the peers' own examples do -- Adam at a constant learning rate, no
+# warm-up, clipping, EMA or weight decay, and the weights of the last step (one validation,
+# at the end)
+PLAIN_ADAM = {
+    "optimizer": "adam",
+    "weight_decay": 0.0,
+    "warmup": 0,
+    "final_lr_ratio": 1.0,
+    "clip_norm": 0.0,
+    "ema": 0.0,
+    "patience": 0,
+}
+
+
 def default_budget(args: argparse.Namespace, data: str) -> list[dict]:
     """NSF on ``data`` at ``exactflow train --data DATA --model nsf``'s default configuration.
 
@@ -653,18 +671,26 @@ def default_budget(args: argparse.Namespace, data: str) -> list[dict]:
         flush=True,
     )
     libs = [lib for lib in available(args.libs) if lib != "zuko+compile"]
-    # (label, library, exactflow spline map_kwargs): each --exactflow-map-kwargs is one more
-    # exactflow contender, trained on the same seeds so it pairs with every other library
-    variants = [(lib, lib, None) for lib in libs]
+    # (label, library, exactflow spline map_kwargs, training-option overrides): each
+    # --exactflow-map-kwargs is one more exactflow contender and each --peer-adam-lr one more
+    # per peer, trained on the same seeds so that they pair with every other contender
+    variants = [(lib, lib, None, {}) for lib in libs]
+    if args.peer_adam_lr:  # the peers as their users train them: a plain Adam loop instead
+        variants = [v for v in variants if v[1] == "exactflow"]
+        plain = {**PLAIN_ADAM, "eval_every": t.steps}
+        for lib in libs:
+            for lr in [] if lib == "exactflow" else args.peer_adam_lr:
+                variants.append((f"{lib} adam {lr:g}", lib, None, {**plain, "lr": lr}))
     for text in args.exactflow_map_kwargs or []:
-        variants.append((f"exactflow {text}", "exactflow", _map_kwargs(text)))
+        variants.append((f"exactflow {text}", "exactflow", _map_kwargs(text), {}))
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     row: dict = {"model": "nsf", "data": data, "seeds": seeds, "libs": {}}
     unit = "nats"
-    for label, lib, map_kwargs in variants:
+    for label, lib, map_kwargs, overrides in variants:
         runs = []
         for seed in seeds:
-            cfg = RunConfig.from_dict({"seed": seed, "train": {"progress": False}}, base)
+            train = {"progress": False, **overrides}
+            cfg = RunConfig.from_dict({"seed": seed, "train": train}, base)
             dataset = load_dataset(cfg.data, cfg.seed, **cfg.data_args)
             d = dataset.features
             unit = "bits/dim" if dataset.discrete else "nats"
@@ -836,6 +862,15 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="--default-config: one more exactflow NSF whose splines get these arguments, "
         "e.g. '{\"derivative_range\": [0.25, 8]}' (repeatable)",
+    )
+    ap.add_argument(
+        "--peer-adam-lr",
+        metavar="LR",
+        type=float,
+        nargs="+",
+        default=None,
+        help="--default-config: train the peers with a plain constant-lr Adam loop at each LR "
+        "(same steps and batches) instead of exactflow's training configuration",
     )
     ap.add_argument(
         "--reference",
