@@ -78,6 +78,30 @@ def test_glow_transform_certified(shape):
     assert report.passed, str(report)
 
 
+@pytest.mark.parametrize("builder", [Glow, RealNVPImage])
+def test_spline_coupling_args_reach_every_coupling(builder):
+    """``coupling_args`` configure a map given by name (here 4-bin splines), the flow is
+    still certified, and the arguments are refused with a map instance or as a non-dict."""
+    from exactflow.transforms.image import ConvCoupling
+    from exactflow.transforms.splines import RationalQuadraticSpline
+
+    torch.manual_seed(4)
+    kw = {"levels": 2, "hidden_channels": 4}
+    kw.update({"depth": 1} if builder is Glow else {"couplings": 1})
+    flow = builder((1, 4, 4), coupling="rq-spline", coupling_args={"bins": 4}, **kw).double()
+    maps = [m.map for m in flow.modules() if isinstance(m, ConvCoupling)]
+    assert maps and all(isinstance(m, RationalQuadraticSpline) for m in maps)
+    assert {m.num_params for m in maps} == {3 * 4 - 1}
+    x = 2.0 * torch.randn(4, 1, 4, 4, dtype=torch.float64)
+    _initialised(flow, x)
+    report = check_transform(flow.transform, x, jacobian_samples=1)
+    assert report.passed, str(report)
+    with pytest.raises(ValueError, match="coupling_args apply only"):
+        builder((1, 4, 4), coupling=RationalQuadraticSpline(), coupling_args={"bins": 4}, **kw)
+    with pytest.raises(TypeError, match="coupling_args must be a dict"):
+        builder((1, 4, 4), coupling="rq-spline", coupling_args=[4], **kw)
+
+
 def test_realnvp_image_certified_and_conditional():
     torch.manual_seed(2)
     flow = RealNVPImage((1, 4, 4), levels=2, couplings=1, hidden_channels=4, context=3).double()

@@ -106,6 +106,22 @@ def _keep_shape(shape: tuple[int, int, int]) -> tuple[int, int, int]:
     return (c - c // 2, h, w)
 
 
+def _map_kwargs(
+    coupling: str | ElementwiseMap, coupling_args: dict | None, log_scale_bound: float
+) -> dict:
+    """Constructor arguments of the couplings' map: ``coupling_args``, plus the builder's
+    ``log_scale_bound`` for the affine map unless ``coupling_args`` sets it."""
+    if coupling_args is None:
+        coupling_args = {}
+    if not isinstance(coupling_args, dict):
+        raise TypeError(f"coupling_args must be a dict, got {type(coupling_args).__name__}")
+    if coupling_args and not isinstance(coupling, str):
+        raise ValueError("coupling_args apply only when coupling is given by name")
+    if coupling == "affine":
+        return {"log_scale_bound": log_scale_bound, **coupling_args}
+    return dict(coupling_args)
+
+
 def Glow(
     shape: Sequence[int] = (1, 28, 28),
     levels: int = 2,
@@ -114,6 +130,7 @@ def Glow(
     context: int = 0,
     lu: bool = True,
     coupling: str | ElementwiseMap = "affine",
+    coupling_args: dict | None = None,
     log_scale_bound: float = 3.0,
     split_prior: str = "gaussian",
     learn_top: bool = True,
@@ -138,6 +155,8 @@ def Glow(
         lu: LU-parameterised 1x1 convolutions (else dense with ``slogdet``).
         coupling: the coupling's elementwise map (name or instance; ``"affine"``,
             ``"additive"``, spline names ...).
+        coupling_args: keyword arguments of a map given by name, e.g. ``{"bins": 4}`` for
+            ``coupling="rq-spline"`` (a TOML ``[model_args]`` table can set both).
         log_scale_bound: soft bound of the affine couplings' log-scale.
         split_prior: ``"gaussian"`` (learned, Glow) or ``"standard"`` (N(0, I)).
         learn_top: learn the top-level prior (always on with a context).
@@ -153,7 +172,7 @@ def Glow(
     hidden_channels = _count(hidden_channels, "hidden_channels")
     context = _count(context, "context", 0)
     shape = _check_shape(shape, levels, "Glow")
-    kwargs = {"log_scale_bound": log_scale_bound} if coupling == "affine" else {}
+    kwargs = _map_kwargs(coupling, coupling_args, log_scale_bound)
 
     def level(s_in: tuple[int, int, int], i: int) -> Transform:
         sq = Squeeze(s_in)
@@ -184,6 +203,7 @@ def RealNVPImage(
     hidden_channels: int = 64,
     context: int = 0,
     coupling: str | ElementwiseMap = "affine",
+    coupling_args: dict | None = None,
     log_scale_bound: float = 3.0,
     prior: str = "standard",
     actnorm: bool = True,
@@ -204,6 +224,7 @@ def RealNVPImage(
         hidden_channels: width of every coupling net.
         context: context size (class conditioning; 0 = unconditional).
         coupling: the couplings' elementwise map.
+        coupling_args: keyword arguments of a map given by name, as in :func:`Glow`.
         log_scale_bound: soft bound of the affine log-scale.
         prior: factored-out prior, ``"standard"`` (the paper's N(0, I)) or ``"gaussian"``
             (learned, conditional, as in Glow).
@@ -217,7 +238,7 @@ def RealNVPImage(
     hidden_channels = _count(hidden_channels, "hidden_channels")
     context = _count(context, "context", 0)
     shape = _check_shape(shape, levels - 1, "RealNVPImage")
-    kwargs = {"log_scale_bound": log_scale_bound} if coupling == "affine" else {}
+    kwargs = _map_kwargs(coupling, coupling_args, log_scale_bound)
 
     def stack(s: tuple[int, int, int], mask: str, n: int) -> list[Transform]:
         out: list[Transform] = []
