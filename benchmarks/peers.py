@@ -678,9 +678,12 @@ def default_budget(args: argparse.Namespace, data: str) -> list[dict]:
     if args.peer_adam_lr:  # the peers as their users train them: a plain Adam loop instead
         variants = [v for v in variants if v[1] == "exactflow"]
         plain = {**PLAIN_ADAM, "eval_every": t.steps}
-        for lib in libs:
-            for lr in [] if lib == "exactflow" else args.peer_adam_lr:
-                variants.append((f"{lib} adam {lr:g}", lib, None, {**plain, "lr": lr}))
+        peers = [lib for lib in libs if lib != "exactflow"]
+        variants += [
+            (f"{lib} adam {lr:g}", lib, None, {**plain, "lr": lr})
+            for lib in peers
+            for lr in args.peer_adam_lr
+        ]
     for text in args.exactflow_map_kwargs or []:
         variants.append((f"exactflow {text}", "exactflow", _map_kwargs(text), {}))
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
