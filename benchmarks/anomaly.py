@@ -40,10 +40,10 @@ from exactflow.anomaly import (
     quantile_threshold,
 )
 from exactflow.data import dequantize
-from exactflow.data.preprocessing import LogitPreprocess
 from exactflow.models import NSF, RealNVP
 from exactflow.train import TrainConfig, Trainer
 from exactflow.transforms import Affine, Compose
+from exactflow.transforms.preprocessing import LogitPreprocess
 
 
 def _emit(row: dict, path: str | None) -> None:

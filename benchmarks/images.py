@@ -50,8 +50,8 @@ import torch
 
 from exactflow import Flow
 from exactflow.data import LogitPreprocess, bits_per_dim, load_mnist_subset
-from exactflow.dequantization import pixel_flow
 from exactflow.models import Glow, RealNVP, RealNVPImage
+from exactflow.models.image import pixel_flow
 from exactflow.transforms import Compose
 
 

@@ -648,11 +648,11 @@ def default_budget(args: argparse.Namespace, data: str) -> list[dict]:
     exactflow's own model is built exactly as the command builds it. Test NLL as the command
     reports it: nats for continuous data, bits/dim in pixel space for discrete data.
     """
+    from exactflow.app.config import RunConfig
+    from exactflow.app.run import build_flow, default_config
     from exactflow.data import bits_per_dim, dequantize, load_dataset
     from exactflow.models import NSF
     from exactflow.train import Trainer
-    from exactflow.train.config import RunConfig
-    from exactflow.train.run import build_flow, default_config
 
     # the peers are built from this file's constants: they must be what the command trains
     base = default_config(data, "nsf")

@@ -1,7 +1,7 @@
 """Glow on the 8x8 digits: ActNorm, invertible 1x1 convolutions, squeeze and split.
 
 Builds ``Glow((1, 8, 8), levels=2, depth=4, hidden_channels=32)`` behind uniform
-dequantisation and the logit pre-processing (:func:`exactflow.dequantization.pixel_flow`), so
+dequantisation and the logit pre-processing (:func:`exactflow.models.image.pixel_flow`), so
 ``log_prob`` is a bound on the pixel-space log-likelihood and ``bits/dim = -log_prob / (64 ln 2)``.
 The script prints the event shape through the multi-scale levels, checks the LU 1x1
 convolution's log-det ``H W log|det W|`` against ``slogdet`` of its matrix, trains with Adam
@@ -26,8 +26,8 @@ import torch
 from sklearn.datasets import load_digits
 
 from exactflow.data import bits_per_dim
-from exactflow.dequantization import pixel_flow
 from exactflow.models import Glow
+from exactflow.models.image import pixel_flow
 from exactflow.transforms import ActNorm
 from exactflow.transforms.image import (
     ConvCoupling,

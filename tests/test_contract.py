@@ -1,6 +1,6 @@
 """The contract test: every registered transform, and its inverse, in float64.
 
-Adding a transform to ``exactflow.transforms.registry`` runs all of these for it.
+Adding a transform to ``exactflow.testing.registry`` runs all of these for it.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from exactflow.check import check_transform, sample_domain
+from exactflow.testing import CASES, Case
 from exactflow.transforms import Inverse
-from exactflow.transforms.registry import CASES, Case
 
 BATCH = 7
 CONTEXT = 3

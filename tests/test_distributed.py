@@ -25,10 +25,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from exactflow import Flow
+from exactflow.app.config import RunConfig
+from exactflow.app.run import train_run
 from exactflow.errors import ConfigError, DataError
 from exactflow.models import RealNVP
 from exactflow.train import TrainConfig, Trainer, load_checkpoint
-from exactflow.train.config import RunConfig
 from exactflow.train.distributed import (
     DistributedError,
     DistributedTrainer,
@@ -37,7 +38,6 @@ from exactflow.train.distributed import (
     session,
     shard_bounds,
 )
-from exactflow.train.run import train_run
 from exactflow.transforms import ActNorm, Compose
 
 WORLD = 2

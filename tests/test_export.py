@@ -262,7 +262,7 @@ def test_cnf_export_options_and_errors():
 
 
 def test_whiten_export_form_is_equivalent():
-    from exactflow.data.preprocessing import Whiten
+    from exactflow.transforms.preprocessing import Whiten
 
     a = torch.randn(3, 3, dtype=torch.float64)
     tril = torch.linalg.cholesky(a @ a.T + torch.eye(3, dtype=torch.float64))
@@ -294,8 +294,8 @@ def test_cli_export_and_score_match_eval_in_data_space(tmp_path, capsys):
     mean is ``exactflow eval``'s NLL."""
     import json
 
+    from exactflow.app.run import load_run
     from exactflow.cli import main
-    from exactflow.train.run import load_run
 
     rng = np.random.default_rng(0)
     rows = rng.normal(size=(400, 3)) @ np.array([[2, 0, 0], [1, 3, 0], [0, 0.5, 0.2]])

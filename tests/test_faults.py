@@ -30,12 +30,12 @@ import torch
 
 import exactflow.train.checkpoint as ckpt
 from exactflow import Flow
+from exactflow.app.run import load_run
 from exactflow.cli import main
 from exactflow.data.files import read_table
 from exactflow.distributions import StandardNormal
 from exactflow.errors import ExactflowError
 from exactflow.train import TrainConfig, Trainer, load_checkpoint
-from exactflow.train.run import load_run
 from exactflow.transforms import Compose, LULinear, Planar
 
 

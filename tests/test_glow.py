@@ -12,10 +12,10 @@ from torch.distributions import Normal
 
 from exactflow.check import check_transform
 from exactflow.data import bits_per_dim
-from exactflow.dequantization import pixel_flow
 from exactflow.errors import ConfigError
 from exactflow.export import export_form
 from exactflow.models import MODELS, Glow, RealNVPImage
+from exactflow.models.image import pixel_flow
 from exactflow.transforms.image import FactorOut, LearnedPrior
 
 
@@ -240,9 +240,9 @@ def test_short_training_improves_bits_per_dim(dequantization):
 
 def test_dequantization_choice_reaches_the_training_runner():
     """``model_args`` select the dequantiser: the runner's flow puts it before the logit."""
+    from exactflow.app.run import build_flow
     from exactflow.data import LogitPreprocess, load_dataset
-    from exactflow.dequantization import VariationalDequantization
-    from exactflow.train.run import build_flow
+    from exactflow.transforms.dequantization import VariationalDequantization
 
     dataset = load_dataset("digits_image", seed=0)
     args = {"levels": 1, "depth": 1, "hidden_channels": 4}

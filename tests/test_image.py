@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from exactflow.check import check_transform
-from exactflow.dequantization import VariationalDequantization, dequantizer
 from exactflow.errors import ConfigError, ShapeError
 from exactflow.export import export_form
+from exactflow.testing import CASES
 from exactflow.transforms import ActNorm
+from exactflow.transforms.dequantization import VariationalDequantization, dequantizer
 from exactflow.transforms.image import (
     ConvCoupling,
     FactorOut,
@@ -23,7 +24,6 @@ from exactflow.transforms.image import (
     Squeeze,
     Unsqueeze,
 )
-from exactflow.transforms.registry import CASES
 
 LOG_2PI = math.log(2 * math.pi)
 

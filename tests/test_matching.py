@@ -391,7 +391,7 @@ def test_cli_trains_a_flow_matching_model(tmp_path, capsys):
         assert math.isfinite(m[key]), key
     assert m["model"] == "otcfm" and m["nfe_log_prob"] >= 2 and m["path_length_ratio"] >= 1
     # the saved run reloads as a MatchingFlow with the same likelihood
-    from exactflow.train.run import load_run
+    from exactflow.app.run import load_run
 
     run = load_run(out)
     assert isinstance(run.flow, MatchingFlow)

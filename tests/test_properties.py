@@ -33,8 +33,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from exactflow.nets import MADE
+from exactflow.testing import CASES, Case
 from exactflow.transforms.linear import LULinear
-from exactflow.transforms.registry import CASES, Case
 
 INPUT_KINDS = ("normal", "cauchy", "boundary", "huge")
 

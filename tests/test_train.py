@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from exactflow import Flow
+from exactflow.app.config import RunConfig
 from exactflow.distributions import StandardNormal
 from exactflow.errors import ConfigError, DataError
 from exactflow.train import (
@@ -20,7 +21,6 @@ from exactflow.train import (
     save_checkpoint,
     warmup_cosine,
 )
-from exactflow.train.config import RunConfig
 from exactflow.transforms import Affine, Compose, LULinear, Planar
 
 

@@ -134,8 +134,8 @@ def _set_threads(threads: int | None, data: str) -> None:
 
 
 def _cmd_train(args) -> int:
-    from .train.config import RunConfig
-    from .train.run import default_config, train_run
+    from .app.config import RunConfig
+    from .app.run import default_config, train_run
 
     if args.resume:
         if args.out is None:
@@ -215,7 +215,7 @@ def _print_metrics(m: dict, out: Path) -> None:
 
 
 def _cmd_eval(args) -> int:
-    from .train.run import evaluate_run
+    from .app.run import evaluate_run
 
     r = evaluate_run(args.run, data=args.data, seed=args.seed)
     line = f"{r['source']}: NLL {_fmt(r['nll'])} ± {_fmt(r['nll_se'])} nats over {r['n']} rows"
@@ -227,7 +227,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_sample(args) -> int:
-    from .train.run import sample_run
+    from .app.run import sample_run
 
     arr = sample_run(args.run, args.n, args.out, seed=args.seed, force=args.force)
     print(f"wrote {arr.shape[0]} samples of shape {tuple(arr.shape[1:])} to {args.out}")
@@ -241,12 +241,12 @@ def _cmd_check(args) -> int:
 
     path = Path(args.model)
     if path.is_dir():
-        from .train.run import load_run
+        from .app.run import load_run
 
         flow = load_run(path).flow
         label = f"trained model in {path}"
     else:
-        from .train.run import resolve_model
+        from .app.run import resolve_model
 
         builder = resolve_model(args.model)
         with torch.random.fork_rng(devices=[]):
@@ -284,8 +284,8 @@ def _cmd_detect(args) -> int:
 
 
 def _cmd_export(args) -> int:
+    from .app.run import load_run
     from .export import to_onnx
-    from .train.run import load_run
 
     out = Path(args.out)
     if out.suffix.lower() != ".onnx":

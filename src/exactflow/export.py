@@ -18,20 +18,17 @@ import contextlib
 import copy
 import inspect
 import io
-import itertools
 import logging
-import math
 import os
-import sys
 import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError, ContextError, ShapeError
+from .continuous.fixed_step import FixedStepCNF
+from .errors import ConfigError
 from .flow import Flow
-from .transforms.base import Transform
 
 __all__ = ["FixedStepCNF", "export_form", "load_onnx", "to_onnx"]
 
@@ -54,162 +51,9 @@ def _replace(module: nn.Module, options: dict) -> nn.Module:
     if callable(method):
         accepted = inspect.signature(method).parameters
         return method(**{k: v for k, v in options.items() if k in accepted})
-    # a Whiten can only exist once its module is loaded; importing the data package here
-    # would make export depend on the training extras
-    pre = sys.modules.get(f"{__package__}.data.preprocessing")
-    if pre is not None and isinstance(module, pre.Whiten):
-        return _FrozenWhiten(module)
     for name, child in list(module.named_children()):
         setattr(module, name, _replace(child, options))
     return module
-
-
-class _FrozenWhiten(Transform):
-    """:class:`~exactflow.data.preprocessing.Whiten` with ``L^{-1}`` precomputed, since ONNX
-    has no triangular solve: rows map as ``z = (x - mean) L^{-T}``, ``x = z L^T + mean``, with
-    the constant log-det ``∓ Σ log diag L``."""
-
-    event_dim = 1
-
-    def __init__(self, whiten: nn.Module):
-        super().__init__()
-        tril = whiten.scale_tril.double()
-        eye = torch.eye(tril.shape[0], dtype=tril.dtype, device=tril.device)
-        # inverted in float64 once, so the exported matmul loses no more than a solve would
-        inv = torch.linalg.solve_triangular(tril, eye, upper=False)
-        dtype = whiten.scale_tril.dtype
-        self.register_buffer("mean", whiten.mean.clone())
-        self.register_buffer("inv_t", inv.T.to(dtype).contiguous())
-        self.register_buffer("tril_t", whiten.scale_tril.T.clone())
-        self.register_buffer("log_det", tril.diagonal().log().sum().to(dtype))
-
-    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return (x - self.mean) @ self.inv_t, (-self.log_det).expand(x.shape[:-1])
-
-    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return z @ self.tril_t + self.mean, self.log_det.expand(z.shape[:-1])
-
-
-class FixedStepCNF(Transform):
-    """A CNF solved with ``steps`` equal steps of an explicit Runge-Kutta method, unrolled.
-
-    The export form of :class:`~exactflow.continuous.CNF`: plain tensor ops only (no
-    adaptive step control, no autograd), so it traces to a static ONNX graph. The log-det
-    ``∫ tr ∂f/∂z dt`` is integrated with the same tableau as the state, the trace coming
-    from ``dynamics.forward_with_trace(t, z, context) -> (f, trace)`` (exact, analytic for
-    :class:`~exactflow.continuous.TimeMLP`). Tableaux and time grid follow torchdiffeq's
-    fixed-grid solvers (``rk4`` is its 3/8-rule variant), so the numbers match
-    ``CNF(solver=..., steps=...)`` up to float rounding.
-
-    Args:
-        dynamics: module with ``forward_with_trace`` (e.g. :class:`TimeMLP`).
-        t1: integration time; ``forward`` solves ``0 -> t1``, ``inverse`` ``t1 -> 0``.
-        solver: one of :attr:`SOLVERS`.
-        steps: number of equal steps (a Python int: the loop is unrolled in the graph).
-        context_features, features: as for the CNF (``features=None``: any width).
-    """
-
-    SOLVERS = ("euler", "midpoint", "heun2", "rk4")
-    event_dim = 1
-
-    def __init__(
-        self,
-        dynamics: nn.Module,
-        *,
-        t1: float,
-        solver: str = "rk4",
-        steps: int = 20,
-        context_features: int = 0,
-        features: int | None = None,
-    ):
-        super().__init__()
-        if not callable(getattr(dynamics, "forward_with_trace", None)):
-            raise ConfigError(
-                f"exporting a CNF needs dynamics with an analytic trace, "
-                f"forward_with_trace(t, z, context) -> (f, trace) (TimeMLP, VelocityMLP); "
-                f"{type(dynamics).__name__} has none"
-            )
-        if solver not in self.SOLVERS:
-            raise ConfigError(
-                f"export solver must be a fixed-step one of {', '.join(self.SOLVERS)}, "
-                f"got {solver!r}"
-            )
-        if isinstance(steps, bool) or not isinstance(steps, int):
-            raise TypeError(f"steps must be a Python int, got {type(steps).__name__}")
-        if steps < 1:
-            raise ConfigError(f"steps must be >= 1, got {steps}")
-        if not (math.isfinite(t1) and t1 > 0):
-            raise ConfigError(f"t1 must be finite and > 0, got {t1}")
-        self.dynamics = dynamics
-        self.t1 = float(t1)
-        self.solver = solver
-        self.steps = steps
-        self.context_features = context_features
-        self.features = features
-
-    def extra_repr(self) -> str:
-        return f"solver={self.solver}, steps={self.steps}, t1={self.t1:g}"
-
-    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return self._solve(x, context, reverse=False)
-
-    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return self._solve(z, context, reverse=True)
-
-    def _grid(self, reverse: bool) -> list[float]:
-        # torchdiffeq integrates a decreasing span in negated time; the grid points are the same
-        ends = (-self.t1, 0.0) if reverse else (0.0, self.t1)
-        pts = [ends[0] + (ends[1] - ends[0]) * k / self.steps for k in range(self.steps)]
-        return [*pts, ends[1]]
-
-    def _solve(self, x: Tensor, context: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor]:
-        if x.dim() < 1 or (self.features is not None and x.shape[-1] != self.features):
-            expect = self.features if self.features is not None else "D"
-            raise ShapeError(f"input must have shape (*batch, {expect}), got {tuple(x.shape)}")
-        batch, d = x.shape[:-1], x.shape[-1]
-        flat = x.reshape(-1, d)
-        ctx = None
-        if self.context_features:
-            if context is None:
-                raise ContextError(
-                    f"this CNF is conditional (context_features={self.context_features}) but "
-                    "no context was given"
-                )
-            ctx = context.expand(*batch, self.context_features).reshape(-1, self.context_features)
-        sign = -1.0 if reverse else 1.0
-
-        def rhs(s: float, y: Tensor) -> tuple[Tensor, Tensor]:
-            f, tr = self.dynamics.forward_with_trace(sign * s, y, ctx)
-            return sign * f, sign * tr
-
-        grid = self._grid(reverse)
-        y, ladj = flat, flat.new_zeros(flat.shape[0])
-        for s0, s1 in itertools.pairwise(grid):
-            dy, dl = self._step(rhs, s0, s1, y)
-            y, ladj = y + dy, ladj + dl
-        return y.reshape(x.shape), ladj.reshape(batch)
-
-    def _step(self, rhs, s0: float, s1: float, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Increments ``(Δy, Δℓ)`` of one step from ``s0`` to ``s1``."""
-        dt = s1 - s0
-        f1, l1 = rhs(s0, y)
-        if self.solver == "euler":
-            return dt * f1, dt * l1
-        if self.solver == "midpoint":
-            f2, l2 = rhs(s0 + 0.5 * dt, y + 0.5 * dt * f1)
-            return dt * f2, dt * l2
-        if self.solver == "heun2":
-            f2, l2 = rhs(s0 + dt, y + dt * f1)
-            return 0.5 * dt * (f1 + f2), 0.5 * dt * (l1 + l2)
-        # rk4, the 3/8 rule
-        third = 1.0 / 3.0
-        f2, l2 = rhs(s0 + dt * third, y + dt * f1 * third)
-        f3, l3 = rhs(s0 + dt * (2.0 / 3.0), y + dt * (f2 - f1 * third))
-        f4, l4 = rhs(s1, y + dt * (f1 - f2 + f3))
-        return (
-            (f1 + 3.0 * (f2 + f3) + f4) * dt * 0.125,
-            (l1 + 3.0 * (l2 + l3) + l4) * dt * 0.125,
-        )
 
 
 class _LogProb(nn.Module):

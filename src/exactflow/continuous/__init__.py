@@ -10,6 +10,7 @@ from .cnf import (
     hutchinson_divergence,
     sample_probe,
 )
+from .fixed_step import FixedStepCNF
 from .regularization import RNODE, regularization_loss, regularization_terms, time_derivative
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "CNF",
     "FIXED_SOLVERS",
     "RNODE",
+    "FixedStepCNF",
     "TimeMLP",
     "exact_divergence",
     "hutchinson_divergence",

@@ -565,13 +565,13 @@ class CNF(Transform):
         """An export-safe equivalent: a fixed-step solve unrolled into plain tensor ops.
 
         torchdiffeq's solvers branch on tensor values, and the exact trace needs autograd,
-        which ONNX lacks; the returned :class:`~exactflow.export.FixedStepCNF` runs ``steps``
+        which ONNX lacks; the returned :class:`~exactflow.continuous.FixedStepCNF` runs ``steps``
         steps of ``solver`` (``euler``, ``midpoint``, ``heun2`` or ``rk4``, same tableaux and
         time grid as torchdiffeq) with the trace from the dynamics' ``forward_with_trace``
         (analytic for :class:`TimeMLP`). Defaults: this CNF's solver and steps if it is one
         of those, else ``rk4`` with :attr:`steps` steps.
         """
-        from ..export import FixedStepCNF
+        from .fixed_step import FixedStepCNF
 
         if solver is None:
             solver = self.solver if self.solver in FixedStepCNF.SOLVERS else "rk4"

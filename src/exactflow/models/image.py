@@ -7,7 +7,7 @@ through a :class:`~exactflow.transforms.image.FactorOut` (which keeps the event 
 :class:`~exactflow.distributions.StandardNormal` over the full ``(C, H, W)`` and
 ``flow.sample(n, temperature=T)`` samples every level at temperature ``T``.
 
-The models work in logit space; :func:`exactflow.dequantization.pixel_flow` prepends
+The models work in logit space; :func:`exactflow.models.image.pixel_flow` prepends
 dequantisation and the logit pre-processing so that ``log_prob`` and bits/dim are in pixel
 space. Built with ``dequantization="variational"`` they are :class:`ImageFlow` objects whose
 ``with_preprocessing`` hook (used by ``exactflow train``) puts a variational dequantiser in
@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..dequantization import DEQUANTIZATIONS, dequantizer
 from ..distributions import BaseDistribution, StandardNormal
 from ..errors import ConfigError
 from ..flow import Flow
 from ..transforms import ActNorm, Compose, Transform
+from ..transforms.dequantization import DEQUANTIZATIONS, dequantizer
 from ..transforms.elementwise import ElementwiseMap
 from ..transforms.image import (
     ConvCoupling,
@@ -33,8 +33,9 @@ from ..transforms.image import (
     Unsqueeze,
     image_shape,
 )
+from ..transforms.preprocessing import LogitPreprocess
 
-__all__ = ["Glow", "ImageFlow", "RealNVPImage"]
+__all__ = ["Glow", "ImageFlow", "RealNVPImage", "pixel_flow"]
 
 
 class ImageFlow(Flow):
@@ -43,7 +44,7 @@ class ImageFlow(Flow):
     :meth:`with_preprocessing` (called by the training runner with the data set's
     pre-processing) returns ``Flow([dequantiser, pre-processing, model])``; the dequantiser
     is the identity for ``"uniform"`` and a
-    :class:`~exactflow.dequantization.VariationalDequantization` for ``"variational"``,
+    :class:`~exactflow.transforms.dequantization.VariationalDequantization` for ``"variational"``,
     which needs the pre-processing's ``levels`` (discrete pixel data).
     """
 
@@ -267,3 +268,27 @@ def RealNVPImage(
         )
 
     return ImageFlow(level(shape, 0), StandardNormal(shape), dequantization, dequantization_args)
+
+
+def pixel_flow(
+    model: Flow, levels: int, dequantization: str = "uniform", alpha: float = 0.05, **kwargs
+) -> Flow:
+    """An image model in logit space as a flow on dequantised pixels ``y = x + v`` in [0, K).
+
+    ``transform = [dequantizer, logit pre-processing, model.transform]``, same base, so
+    ``log_prob(x + v)`` is the (variational) lower bound on ``log P(x)`` in pixel space and
+    ``bits/dim = -log_prob / (D ln 2)``; feed it uniformly dequantised pixels
+    (:func:`exactflow.data.dequantize`). ``kwargs`` configure the variational dequantiser.
+
+    Args:
+        model: a flow on ``(C, H, W)`` events (e.g. :func:`exactflow.models.Glow`).
+        levels: number of pixel levels K (256 for 8-bit images, 17 for sklearn digits).
+        dequantization: ``"uniform"`` or ``"variational"``.
+        alpha: logit boundary margin.
+    """
+    if not isinstance(model, Flow):
+        raise TypeError(f"model must be an exactflow Flow, got {type(model).__name__}")
+    shape = image_shape(model.event_shape)
+    deq = dequantizer(dequantization, shape, levels, **kwargs)
+    logit = LogitPreprocess(levels, alpha, event_dim=3)
+    return Flow(Compose([deq, logit, model.transform]), model.base, validate=model.validate)

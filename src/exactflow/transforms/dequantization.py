@@ -30,13 +30,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError, ShapeError
-from .flow import Flow
-from .transforms.base import Compose, Transform
-from .transforms.image import ConvNet, image_shape
-from .transforms.splines import RationalQuadraticSpline
+from ..errors import ConfigError, ShapeError
+from .base import Compose, Transform
+from .image import ConvNet, image_shape
+from .splines import RationalQuadraticSpline
 
-__all__ = ["DEQUANTIZATIONS", "VariationalDequantization", "dequantizer", "pixel_flow"]
+__all__ = ["DEQUANTIZATIONS", "VariationalDequantization", "dequantizer"]
 
 DEQUANTIZATIONS = ("uniform", "variational")
 
@@ -173,29 +172,3 @@ def dequantizer(kind: str, shape: Sequence[int], levels: int, **kwargs) -> Trans
         identity.event_dim = len(image_shape(shape))  # its zero log-det has the batch shape
         return identity
     return VariationalDequantization(shape, levels, **kwargs)
-
-
-def pixel_flow(
-    model: Flow, levels: int, dequantization: str = "uniform", alpha: float = 0.05, **kwargs
-) -> Flow:
-    """An image model in logit space as a flow on dequantised pixels ``y = x + v`` in [0, K).
-
-    ``transform = [dequantizer, logit pre-processing, model.transform]``, same base, so
-    ``log_prob(x + v)`` is the (variational) lower bound on ``log P(x)`` in pixel space and
-    ``bits/dim = -log_prob / (D ln 2)``; feed it uniformly dequantised pixels
-    (:func:`exactflow.data.dequantize`). ``kwargs`` configure the variational dequantiser.
-
-    Args:
-        model: a flow on ``(C, H, W)`` events (e.g. :func:`exactflow.models.Glow`).
-        levels: number of pixel levels K (256 for 8-bit images, 17 for sklearn digits).
-        dequantization: ``"uniform"`` or ``"variational"``.
-        alpha: logit boundary margin.
-    """
-    from .data.preprocessing import LogitPreprocess
-
-    if not isinstance(model, Flow):
-        raise TypeError(f"model must be an exactflow Flow, got {type(model).__name__}")
-    shape = image_shape(model.event_shape)
-    deq = dequantizer(dequantization, shape, levels, **kwargs)
-    logit = LogitPreprocess(levels, alpha, event_dim=3)
-    return Flow(Compose([deq, logit, model.transform]), model.base, validate=model.validate)

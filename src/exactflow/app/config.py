@@ -24,7 +24,7 @@ from typing import Any
 import tomllib
 
 from ..errors import ConfigError
-from .engine import TrainConfig
+from ..train.engine import TrainConfig
 
 __all__ = ["RunConfig", "dump_toml"]
 

@@ -15,7 +15,7 @@ import torch
 
 from ..continuous import CNF, TimeMLP
 from ..export import FixedStepCNF
-from . import (
+from ..transforms import (
     Affine,
     AffineMap,
     Compose,
@@ -33,11 +33,12 @@ from . import (
     Sigmoid,
     Tanh,
 )
-from .autoregressive import Autoregressive
-from .base import Transform
-from .coupling import Coupling, alternating_mask, checkerboard_mask
-from .image import registry_cases as image_registry_cases
-from .normalization import ActNorm, BatchNormFlow
+from ..transforms.autoregressive import Autoregressive
+from ..transforms.base import Transform
+from ..transforms.coupling import Coupling, alternating_mask, checkerboard_mask
+from ..transforms.dequantization import VariationalDequantization
+from ..transforms.image import ConvCoupling, FactorOut, InvConv1x1, LearnedPrior, Squeeze, Unsqueeze
+from ..transforms.normalization import ActNorm, BatchNormFlow
 
 VECTOR_SHAPES: tuple[tuple[int, ...], ...] = ((1,), (2,), (5,), (16,))
 
@@ -187,8 +188,6 @@ CASES: list[Case] = [
     ),
 ]
 
-CASES += image_registry_cases(Case)  # image transforms (transforms/image.py)
-
 
 def _z(shape):
     return torch.zeros(shape)
@@ -200,3 +199,66 @@ def register(case: Case) -> Case:
         raise ValueError(f"a registry case named {case.name!r} already exists")
     CASES.append(case)
     return case
+
+
+def _squeezed(shape: tuple[int, ...], make) -> Transform:
+    """``make(shape)`` for ``C >= 2``, else wrapped in squeeze/unsqueeze (for 1-channel cases)."""
+    if shape[0] >= 2:
+        return make(shape)
+    sq = Squeeze(shape)
+    return Compose([sq, make(sq.out_shape), Unsqueeze(sq.out_shape)])
+
+
+def _image_cases(case_cls) -> list:
+    """Contract-test cases of this module : net-free layers on
+    ``1x4x4`` and ``3x8x8`` events, layers with conv nets on ``1x4x4`` and ``3x4x4`` (the
+    contract test takes 7 brute-force Jacobians per direction; tests/test_image.py and
+    tests/test_glow.py certify the net layers and whole models on ``3x8x8``)."""
+    shapes = ((1, 4, 4), (3, 8, 8))
+    net_shapes = ((1, 4, 4), (3, 4, 4))
+
+    def sq_conv(s, c):
+        sq = Squeeze(s)
+        return Compose([sq, InvConv1x1(sq.out_shape[0]), Unsqueeze(sq.out_shape)])
+
+    def factor_out(s, c):
+        def make(s2):
+            keep = (s2[0] - s2[0] // 2, *s2[1:])
+            inner = ConvCoupling(keep, "checkerboard", hidden_channels=4, context_features=c)
+            return FactorOut(s2, inner, context_features=c)
+
+        return _squeezed(s, make)
+
+    return [
+        case_cls("image-squeeze-conv1x1", sq_conv, shapes=shapes),
+        case_cls("invconv1x1-dense", lambda s, c: InvConv1x1(s[0], lu=False), shapes=shapes),
+        case_cls("invconv1x1-lu", lambda s, c: InvConv1x1(s[0], lu=True), shapes=shapes),
+        case_cls("actnorm-image", lambda s, c: ActNorm(s), shapes=shapes),
+        case_cls(
+            "conv-coupling-checkerboard",
+            lambda s, c: ConvCoupling(s, "checkerboard", True, 4, c),
+            context=True,
+            shapes=net_shapes,
+        ),
+        case_cls(
+            "conv-coupling-channel",
+            lambda s, c: _squeezed(s, lambda s2: ConvCoupling(s2, "channel", False, 4, c)),
+            context=True,
+            shapes=net_shapes,
+        ),
+        case_cls(
+            "conv-coupling-channel-flip",
+            lambda s, c: _squeezed(s, lambda s2: ConvCoupling(s2, "channel", True, 4, c)),
+            shapes=net_shapes,
+        ),
+        case_cls("factor-out", factor_out, context=True, shapes=net_shapes),
+        case_cls("learned-prior", lambda s, c: LearnedPrior(s, c), context=True, shapes=shapes),
+        case_cls("variational-dequantization", _dequantizer_case, shapes=net_shapes),
+    ]
+
+
+def _dequantizer_case(s, c) -> Transform:
+    return VariationalDequantization(s, levels=4, depth=1, hidden_channels=2, bins=2)
+
+
+CASES += _image_cases(Case)

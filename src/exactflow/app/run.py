@@ -31,8 +31,7 @@ from ..data import Dataset, bits_per_dim, file_dataset, load_dataset
 from ..data.dataset import make_preprocess
 from ..errors import ConfigError, DataError
 from ..flow import Flow
-from ..transforms.base import Compose
-from .checkpoint import (
+from ..train.checkpoint import (
     atomic_write_text,
     load_checkpoint,
     parse_checkpoint,
@@ -40,9 +39,10 @@ from .checkpoint import (
     save_checkpoint,
     state_dict_mismatch,
 )
+from ..train.distributed import DistributedContext, DistributedTrainer, on_main, session
+from ..train.engine import TrainConfig, Trainer
+from ..transforms.base import Compose
 from .config import RunConfig
-from .distributed import DistributedContext, DistributedTrainer, on_main, session
-from .engine import TrainConfig, Trainer
 
 __all__ = [
     "OUTPUT_FILES",
@@ -498,7 +498,7 @@ def sample_run(
     if out.suffix.lower() == ".npy":
         import io
 
-        from .checkpoint import atomic_write_bytes
+        from ..train.checkpoint import atomic_write_bytes
 
         buf = io.BytesIO()
         np.save(buf, arr, allow_pickle=False)
