@@ -20,6 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ConfigError, DomainError, DTypeError
+from ..validation import (
+    as_tensor,
+    check_count,
+    check_map_kwargs,
+    check_positive_finite,
+    check_real,
+)
 from .base import Transform, sum_rightmost
 
 __all__ = [
@@ -47,9 +55,15 @@ def soft_clamp(x: Tensor, bound: float) -> Tensor:
     return bound * torch.tanh(x / bound)
 
 
-def _as_tensor(value) -> Tensor:
-    t = torch.as_tensor(value)
+def _as_tensor(value, name: str) -> Tensor:
+    t = as_tensor(value, f"Affine {name}")
+    if t.dtype == torch.bool or t.is_complex():
+        raise DTypeError(f"Affine {name} must be real numbers, got a {t.dtype} tensor")
     return t if t.is_floating_point() else t.to(torch.get_default_dtype())
+
+
+def _show(t: Tensor) -> str:
+    return repr(t.tolist()) if t.numel() <= 6 else f"a tensor of shape {tuple(t.shape)}"
 
 
 class Affine(Transform):
@@ -68,13 +82,22 @@ class Affine(Transform):
 
     def __init__(self, shift=0.0, scale=1.0, learnable: bool = False, event_dim: int | None = None):
         super().__init__()
-        shift, scale = _as_tensor(shift), _as_tensor(scale)
+        shift, scale = _as_tensor(shift, "shift"), _as_tensor(scale, "scale")
+        # checked once at build time (never in forward): a NaN or infinite parameter would
+        # make every log-density NaN
+        for name, value in (("shift", shift), ("scale", scale)):
+            if not torch.isfinite(value).all():
+                raise DomainError(f"Affine {name} must be finite, got {_show(value)}")
         if not torch.all(scale != 0):
-            raise ValueError("Affine scale must be nonzero everywhere")
-        self.event_dim = max(shift.dim(), scale.dim()) if event_dim is None else int(event_dim)
+            raise DomainError(f"Affine scale must be nonzero everywhere, got {_show(scale)}")
+        self.event_dim = (
+            max(shift.dim(), scale.dim())
+            if event_dim is None
+            else check_count(event_dim, "event_dim")
+        )
         if learnable:
             if torch.any(scale < 0):
-                raise ValueError("a learnable Affine keeps scale > 0; got a negative scale")
+                raise DomainError("a learnable Affine keeps scale > 0; got a negative scale")
             self.shift = nn.Parameter(shift.clone())
             self.log_scale = nn.Parameter(scale.log())
         else:
@@ -104,7 +127,7 @@ class _Elementwise(Transform):
 
     def __init__(self, event_dim: int = 1):
         super().__init__()
-        self.event_dim = int(event_dim)
+        self.event_dim = check_count(event_dim, "event_dim")
 
     def _fwd(self, x: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -198,7 +221,8 @@ class AffineMap(ElementwiseMap):
     num_params = 2
 
     def __init__(self, log_scale_bound: float = 3.0):
-        self.log_scale_bound = float(log_scale_bound)
+        # 0 would make soft_clamp divide by zero, inf or NaN make the log-scale NaN
+        self.log_scale_bound = check_positive_finite(log_scale_bound, "log_scale_bound")
 
     def forward(self, x, params):
         t, s = params[..., 0], soft_clamp(params[..., 1], self.log_scale_bound)
@@ -232,7 +256,16 @@ class ElementwiseTransform(Transform):
 
     def __init__(self, map: ElementwiseMap, shape, init_scale: float = 0.0):
         super().__init__()
-        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        if not isinstance(map, ElementwiseMap):
+            raise DTypeError(
+                f"ElementwiseTransform needs an ElementwiseMap, got {type(map).__name__}; "
+                "resolve a name with resolve_map"
+            )
+        if isinstance(shape, (list, tuple, torch.Size)):
+            shape = tuple(check_count(s, "shape entry", minimum=1) for s in shape)
+        else:
+            shape = (check_count(shape, "shape", minimum=1),)
+        init_scale = check_real(init_scale, "init_scale", nonnegative=True)
         self.map = map
         self.event_dim = len(shape)
         self.params = nn.Parameter(init_scale * torch.randn(*shape, map.num_params))
@@ -255,20 +288,30 @@ MAPS: dict[str, type[ElementwiseMap]] = {"affine": AffineMap, "additive": Additi
 def register_map(name: str, cls: type[ElementwiseMap]) -> type[ElementwiseMap]:
     """Make an :class:`ElementwiseMap` selectable by name in coupling/autoregressive layers."""
     if name in MAPS and MAPS[name] is not cls:
-        raise ValueError(f"an elementwise map named {name!r} is already registered")
+        raise ConfigError(f"an elementwise map named {name!r} is already registered")
     MAPS[name] = cls
     return cls
 
 
 def resolve_map(spec: str | ElementwiseMap, **kwargs) -> ElementwiseMap:
     """An :class:`ElementwiseMap` from an instance or a registered name (``"affine"``,
-    ``"additive"``, spline names ...); ``kwargs`` go to the map's constructor."""
+    ``"additive"``, spline names ...); ``kwargs`` go to the map's constructor.
+
+    Raises:
+        ConfigError: an unknown name, or a keyword the map does not take (both listing the
+            valid ones); keywords given with a map instance.
+    """
     if isinstance(spec, ElementwiseMap):
         if kwargs:
-            raise ValueError("keyword arguments apply only when the map is given by name")
+            raise ConfigError(
+                f"map_kwargs ({', '.join(kwargs)}) apply only when the map is given by name; "
+                f"got a {type(spec).__name__} instance"
+            )
         return spec
     if not isinstance(spec, str):
-        raise TypeError(f"map must be a name or an ElementwiseMap, got {type(spec).__name__}")
+        raise DTypeError(f"map must be a name or an ElementwiseMap, got {type(spec).__name__}")
     if spec not in MAPS:
-        raise ValueError(f"unknown elementwise map {spec!r}; valid names: {sorted(MAPS)}")
-    return MAPS[spec](**kwargs)
+        raise ConfigError(
+            f"unknown elementwise map {spec!r}; valid names: {', '.join(sorted(MAPS))}"
+        )
+    return MAPS[spec](**check_map_kwargs(MAPS[spec], kwargs))

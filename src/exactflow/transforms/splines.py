@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError, ShapeError
+from ..validation import check_count, check_positive_finite, check_real
 from .elementwise import ElementwiseMap, register_map
 
 __all__ = [
@@ -89,19 +90,16 @@ def _check(x: Tensor, params: Tensor, num_params: int, name: str) -> None:
         )
 
 
-def _check_bins(bins: int) -> None:
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-        raise ConfigError(f"bins must be a positive int, got {bins!r}")
-
-
-def _check_config(bins: int, bound: float, mins: dict[str, float]) -> None:
-    _check_bins(bins)
-    if not (math.isfinite(bound) and bound > 0):
-        raise ConfigError(f"bound must be a finite positive number, got {bound!r}")
+def _check_config(bins: int, bound: float, mins: dict[str, float]) -> dict[str, float]:
+    """The checked ``bound`` and minimum sizes (numbers only: ``bound="5"`` is refused)."""
+    check_count(bins, "bins", minimum=1)
+    check_positive_finite(bound, "bound")
+    mins = {key: check_real(value, key) for key, value in mins.items()}
     for key, value in mins.items():
         limit = 1.0 if key == "min_derivative" else 1.0 / bins
         if not 0.0 < value < limit:
             raise ConfigError(f"{key} must lie in (0, {limit:g}) for bins={bins}, got {value!r}")
+    return mins
 
 
 DERIVATIVE_RANGE = (0.5, 4.0)
@@ -397,10 +395,10 @@ class RationalQuadraticSpline(ElementwiseMap):
         derivatives: str = "bounded",
         derivative_range: Sequence[float] | None = None,
     ):
-        _check_bins(bins)
+        bins = check_count(bins, "bins", minimum=1)
         min_width, min_height = _min_sizes(bins, derivatives, min_width, min_height)
         mins = {"min_width": min_width, "min_height": min_height, "min_derivative": min_derivative}
-        _check_config(bins, float(bound), {key: float(val) for key, val in mins.items()})
+        _check_config(bins, bound, mins)
         self.derivative_range = _check_range(derivative_range)
         self.bins = bins
         self.bound = float(bound)
@@ -458,13 +456,10 @@ class CubicSpline(ElementwiseMap):
         min_height: float | None = None,
         newton_steps: int = 40,
     ):
-        _check_bins(bins)
+        bins = check_count(bins, "bins", minimum=1)
         min_width, min_height = _min_sizes(bins, "bounded", min_width, min_height)
-        _check_config(
-            bins, float(bound), {"min_width": float(min_width), "min_height": float(min_height)}
-        )
-        if isinstance(newton_steps, bool) or not isinstance(newton_steps, int) or newton_steps < 1:
-            raise ConfigError(f"newton_steps must be a positive int, got {newton_steps!r}")
+        _check_config(bins, bound, {"min_width": min_width, "min_height": min_height})
+        newton_steps = check_count(newton_steps, "newton_steps", minimum=1)
         self.bins = bins
         self.bound = float(bound)
         self.min_width = float(min_width)
