@@ -199,7 +199,9 @@ def test_cli_detect_end_to_end(tmp_path, capsys):
     rows = (out / "scores.csv").read_text().splitlines()
     assert rows[0] == "row,score,anomaly,label" and len(rows) == 101
     assert (out / "scores.png").stat().st_size > 1000
-    back = Detector.load(out / "detector.safetensors", run)
+    from exactflow.app.detect import load_detector
+
+    back = load_detector(out / "detector.safetensors", run)
     assert back.threshold == pytest.approx(m["threshold"])
     first = [float(r.split(",")[1]) for r in rows[1:4]]
     np.testing.assert_allclose(back.score_file(tmp_path / "new.npy")[:3], first, rtol=1e-6)

@@ -10,6 +10,10 @@ scores of in-distribution calibration data (a training or validation split), so 
     det.evaluate(x_test, labels)               # AUROC, AP, F1 at the threshold, FPR@95%TPR
     det.save("detector.safetensors")           # weights + threshold, safetensors + JSON
 
+Inputs may be tensors, NumPy arrays or (nested) lists of numbers. The trained-run side (a
+detector calibrated on a run directory's validation split, ``exactflow detect``) lives in
+:mod:`exactflow.app.detect`, above this module.
+
 Caveat (Nalisnick et al., 2019): flows can assign *higher* likelihood to simple
 out-of-distribution inputs than to their own data; see :func:`complexity_corrected` for the
 input-complexity correction of Serra et al. (2020).
@@ -26,15 +30,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import ConfigError, DataError, ShapeError
+from .errors import ConfigError, DataError, DTypeError, ShapeError
 from .flow import Flow
+from .validation import as_tensor, check_count, check_real, check_seed
 
 __all__ = [
     "Detector",
     "anomaly_metrics",
     "complexity_bits",
     "complexity_corrected",
-    "detect_run",
     "fpr_at_tpr",
     "plot_score_histogram",
     "quantile_threshold",
@@ -46,15 +50,21 @@ DETECTOR_FORMAT = "exactflow-detector"
 
 
 def _check_quantile(q: float) -> float:
-    if isinstance(q, bool) or not isinstance(q, (int, float)):
-        raise TypeError(f"quantile must be a float in (0, 1), got {type(q).__name__}")
-    if not (0.0 < float(q) < 1.0):
+    q = check_real(q, "quantile")
+    if not 0.0 < q < 1.0:
         raise ConfigError(f"quantile must be in (0, 1), got {q!r}")
-    return float(q)
+    return q
 
 
 def _as_1d(values, name: str) -> np.ndarray:
-    arr = np.asarray(values.detach().cpu() if isinstance(values, Tensor) else values)
+    if not isinstance(values, (Tensor, np.ndarray, list, tuple)):
+        raise DTypeError(
+            f"{name} must be a tensor, a NumPy array or a list, got {type(values).__name__}"
+        )
+    try:
+        arr = np.asarray(values.detach().cpu() if isinstance(values, Tensor) else values)
+    except ValueError as err:  # NumPy refuses ragged nesting
+        raise ShapeError(f"{name} must be 1-D of shape (N,), got ragged rows") from err
     if arr.ndim == 2 and arr.shape[1] == 1:
         arr = arr[:, 0]
     if arr.ndim != 1:
@@ -102,9 +112,9 @@ def score(
         context: ``(N, C)`` context of a conditional flow.
     """
     if not isinstance(flow, Flow):
-        raise TypeError(f"flow must be an exactflow Flow, got {type(flow).__name__}")
-    if not isinstance(x, Tensor):
-        x = torch.as_tensor(np.asarray(x, dtype=np.float64))
+        raise DTypeError(f"flow must be an exactflow Flow, got {type(flow).__name__}")
+    batch_size = check_count(batch_size, "batch_size", minimum=1)
+    x = as_tensor(x, "x", torch.float64)
     ev = tuple(flow.event_shape)
     d = math.prod(ev)
     if x.dim() == 2 and ev != (x.shape[1],) and x.shape[1] == d:
@@ -243,11 +253,11 @@ def plot_score_histogram(
     title: str = "anomaly scores",
 ) -> None:
     """Histogram of ``scores`` with the threshold as a vertical line; split by ``labels``."""
-    from .plotting import _figure, _save
+    from .plotting import new_figure, save_figure
 
     s = _as_1d(scores, "scores").astype(np.float64)
     s = s[np.isfinite(s)]
-    fig = _figure(6.0, 3.6)
+    fig = new_figure(6.0, 3.6)
     ax = fig.add_subplot(1, 1, 1)
     # heavy right tails (far anomalies) would squash the bulk: values beyond the 97th
     # percentile (or the threshold, if higher) pile up in the last bin
@@ -274,7 +284,7 @@ def plot_score_histogram(
     ax.set_ylabel("rows")
     ax.set_title(title)
     ax.legend(frameon=False)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 # -- the detector -------------------------------------------------------------------------------
@@ -304,18 +314,14 @@ class Detector:
         batch_size: int = 4096,
     ):
         if not isinstance(flow, Flow):
-            raise TypeError(f"flow must be an exactflow Flow, got {type(flow).__name__}")
-        if threshold is not None and not math.isfinite(float(threshold)):
-            raise ConfigError(f"threshold must be finite, got {threshold!r}")
-        if levels is not None and (isinstance(levels, bool) or int(levels) < 2):
-            raise ConfigError(f"levels must be an int >= 2 or None, got {levels!r}")
+            raise DTypeError(f"flow must be an exactflow Flow, got {type(flow).__name__}")
         self.flow = flow
-        self.threshold = None if threshold is None else float(threshold)
+        self.threshold = None if threshold is None else check_real(threshold, "threshold")
         self.quantile = _check_quantile(quantile)
         self.bits = bool(bits)
-        self.levels = None if levels is None else int(levels)
-        self.seed = int(seed)
-        self.batch_size = int(batch_size)
+        self.levels = None if levels is None else check_count(levels, "levels", minimum=2)
+        self.seed = check_seed(seed)
+        self.batch_size = check_count(batch_size, "batch_size", minimum=1)
         self.calibration: dict[str, float] = {}
 
     @property
@@ -394,19 +400,31 @@ class Detector:
         save_checkpoint(path, dict(self.flow.state_dict()), meta)
 
     @classmethod
-    def load(cls, path: str | Path, flow: Flow | str | Path, batch_size: int = 4096) -> Detector:
-        """Restore a detector saved by :meth:`save` into ``flow`` (same architecture), or
-        into the model of the run directory ``flow`` (as ``exactflow detect`` saves it)."""
+    def load(
+        cls,
+        path: str | Path,
+        flow: Flow,
+        batch_size: int = 4096,
+        *,
+        allow_nonfinite: bool = False,
+    ) -> Detector:
+        """Restore a detector saved by :meth:`save` into ``flow`` (same architecture).
+
+        A run directory's detector (as ``exactflow detect`` saves it) loads with
+        :func:`exactflow.app.detect.load_detector`. Weights holding NaN or inf are refused
+        unless ``allow_nonfinite``.
+        """
         from .train.checkpoint import load_checkpoint
 
-        if isinstance(flow, (str, Path)):
-            from .train.run import load_run
-
-            flow = load_run(flow).flow
-
-        tensors, meta = load_checkpoint(path)
+        if not isinstance(flow, Flow):
+            raise DTypeError(
+                f"Detector.load needs the Flow to load into, got {type(flow).__name__}; for a "
+                "run directory use exactflow.app.detect.load_detector(path, run)"
+            )
+        tensors, meta = load_checkpoint(path, allow_nonfinite=allow_nonfinite)
         if meta.get("format") != DETECTOR_FORMAT:
             raise ConfigError(f"{path}: not an exactflow detector (format {meta.get('format')!r})")
+        _check_detector_meta(meta, path)
         if list(flow.event_shape) != list(meta["event_shape"]):
             raise ShapeError(
                 f"{path}: saved for event shape {tuple(meta['event_shape'])}, the flow has "
@@ -418,42 +436,20 @@ class Detector:
             raise ConfigError(
                 f"{path}: weights do not fit this flow ({str(err).splitlines()[0]})"
             ) from err
-        det = cls(
-            flow,
-            meta["threshold"],
-            meta["quantile"],
-            bits=meta["bits"],
-            levels=meta["levels"],
-            seed=meta["seed"],
-            batch_size=batch_size,
-        )
+        try:
+            det = cls(
+                flow,
+                meta["threshold"],
+                meta["quantile"],
+                bits=meta["bits"],
+                levels=meta["levels"],
+                seed=meta["seed"],
+                batch_size=batch_size,
+            )
+        except (ConfigError, DTypeError) as err:
+            raise DataError(f"{path}: saved detector settings: {err}") from err
         det.calibration = dict(meta.get("calibration") or {})
         return det
-
-    @classmethod
-    def from_run(cls, run: str | Path, quantile: float = 0.99, split: str = "val") -> Detector:
-        """A detector for a trained run directory, calibrated on the run's own ``split``
-        (``"train"``, ``"val"`` or ``"test"``) of its data set; images score in bits/dim."""
-        from .data import load_dataset
-        from .train.run import load_run
-
-        if split not in ("train", "val", "test"):
-            raise ConfigError(f"split must be 'train', 'val' or 'test', got {split!r}")
-        loaded = load_run(run)
-        meta = loaded.data_meta
-        levels = meta.get("levels")
-        det = cls(
-            loaded.flow,
-            quantile=quantile,
-            bits=meta.get("image_shape") is not None,
-            levels=levels,
-            seed=loaded.config.seed + 1,
-        )
-        data = load_dataset(loaded.config.data, loaded.config.seed, **loaded.config.data_args)
-        rows = getattr(data, split)
-        if rows.shape[0] < 2:
-            raise DataError(f"the run's {split} split has {rows.shape[0]} rows; cannot calibrate")
-        return det.calibrate(rows.reshape(rows.shape[0], *loaded.event_shape))
 
     def __repr__(self) -> str:
         return (
@@ -462,52 +458,16 @@ class Detector:
         )
 
 
-def detect_run(
-    run: str | Path,
-    data: str | Path,
-    labels: str | Path | None = None,
-    quantile: float = 0.99,
-    out: str | Path | None = None,
-) -> dict[str, Any]:
-    """What ``exactflow detect`` does: score every row of ``data`` with a trained run.
-
-    The threshold is the ``quantile`` of the scores of the run's validation split. Writes
-    into ``out`` (default ``RUN/detect``): ``scores.csv`` (row, score, anomaly[, label]),
-    ``scores.png`` (histogram with the threshold line), ``detector.safetensors`` and
-    ``metrics.json``. Returns the summary (metrics included when ``labels`` is given).
-    """
-    import json
-
-    from .train.checkpoint import atomic_write_text
-
-    det = Detector.from_run(run, quantile=quantile)
-    s = det.score_file(data)
-    lab = None
-    if labels is not None:
-        lab = read_labels(labels)
-        if lab.shape[0] != s.shape[0]:
-            raise DataError(f"{labels}: {lab.shape[0]} labels for {s.shape[0]} data rows")
-    threshold = det._need_threshold()
-    flagged = s > threshold
-    summary: dict[str, Any] = {
-        "data": str(data),
-        "n": int(s.shape[0]),
-        "unit": det.unit,
-        "quantile": det.quantile,
-        "threshold": threshold,
-        "flagged": int(flagged.sum()),
-    }
-    if lab is not None:
-        summary.update(anomaly_metrics(s, lab, threshold))
-    out = Path(run) / "detect" if out is None else Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    lines = ["row,score,anomaly" + (",label" if lab is not None else "")]
-    for i in range(s.shape[0]):
-        row = f"{i},{s[i]:.9g},{int(flagged[i])}"
-        lines.append(row + (f",{int(lab[i])}" if lab is not None else ""))
-    atomic_write_text(out / "scores.csv", "\n".join(lines) + "\n")
-    plot_score_histogram(s, threshold, out / "scores.png", labels=lab, unit=det.unit)
-    det.save(out / "detector.safetensors", extra={"run": str(run)})
-    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
-    summary["out"] = str(out)
-    return summary
+def _check_detector_meta(meta: dict[str, Any], path: str | Path) -> None:
+    missing = [
+        k
+        for k in ("threshold", "quantile", "bits", "levels", "seed", "event_shape")
+        if k not in meta
+    ]
+    if missing:
+        raise DataError(f"{path}: detector metadata has no {', '.join(map(repr, missing))} entry")
+    shape = meta["event_shape"]
+    if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
+        raise DataError(f"{path}: detector metadata 'event_shape' must list ints, got {shape!r}")
+    if not isinstance(meta.get("calibration") or {}, dict):
+        raise DataError(f"{path}: detector metadata 'calibration' must be a JSON object")

@@ -12,8 +12,10 @@
     exactflow export runs/bc --what log_prob --out bc.onnx   # standardisation baked in
     exactflow score bc.onnx new.csv [--out scores.npy]       # log p per row via onnxruntime
 
-Errors from bad input (unknown names, bad files, a checkpoint of another model, an
-existing output directory) print one line on stderr and exit with code 2, no traceback.
+Errors from bad input (unknown names, bad files or arguments, a checkpoint of another model,
+weights holding NaN, an existing output directory) print one line on stderr and exit with
+code 2, no traceback; a failed check or an aborted run exits with 1. An unexpected error (a
+bug) also prints one line and exits with 1; ``EXACTFLOW_TRACEBACK=1`` shows its traceback.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
 
 from .errors import ExactflowError
+from .validation import check_count, check_seed
 
 __all__ = ["main"]
 
@@ -33,10 +37,24 @@ EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 
 
+class _ParseError(Exception):
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog, self.message = prog, message
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the usage block would bury the line that matters."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise _ParseError(self.prog, message)
+
+
+_NONFINITE_HELP = "load weights holding NaN or inf (refused by default)"
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="exactflow", description="Normalizing flows with exact likelihoods."
-    )
+    p = _Parser(prog="exactflow", description="Normalizing flows with exact likelihoods.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a flow (default: NSF on two moons)")
@@ -64,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="run directory")
     e.add_argument("--data", help="evaluate on this .npy/.csv file instead of the test split")
     e.add_argument("--seed", type=int, help="seed of the dequantisation noise")
+    e.add_argument("--allow-nonfinite", action="store_true", help=_NONFINITE_HELP)
 
     s = sub.add_parser("sample", help="draw samples from a trained run")
     s.add_argument("run", help="run directory")
@@ -71,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="samples.npy or samples.png")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--force", action="store_true", help="overwrite --out")
+    s.add_argument("--allow-nonfinite", action="store_true", help=_NONFINITE_HELP)
 
     c = sub.add_parser("check", help="certify a model: round trips, log-dets, gradients")
     c.add_argument("model", help="model name, or a run directory to certify its trained flow")
@@ -84,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--labels", help="one-column .npy/.csv of 0/1 (1 = anomaly) for metrics")
     d.add_argument("--quantile", type=float, default=0.99, help="of validation scores (0.99)")
     d.add_argument("--out", help="output directory (default RUN/detect)")
+    d.add_argument("--allow-nonfinite", action="store_true", help=_NONFINITE_HELP)
 
     x = sub.add_parser("export", help="export a trained run to ONNX (log_prob or sample)")
     x.add_argument("run", help="run directory")
@@ -95,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--solver", help="fixed-step solver of continuous models (default rk4)")
     x.add_argument("--steps", type=int, help="solver steps of continuous models")
     x.add_argument("--force", action="store_true", help="overwrite --out")
+    x.add_argument("--allow-nonfinite", action="store_true", help=_NONFINITE_HELP)
 
     r = sub.add_parser("score", help="log p(x) of each row of a file with an exported model")
     r.add_argument("model", help="a log_prob .onnx file from `exactflow export`")
@@ -155,6 +177,8 @@ def _cmd_train(args) -> int:
         )
         _print_metrics(metrics, Path(args.out))
         return 0
+    if args.seed is not None:
+        check_seed(args.seed, "--seed")
     data, model = args.data, args.model
     cfg = None
     if args.config:
@@ -217,7 +241,9 @@ def _print_metrics(m: dict, out: Path) -> None:
 def _cmd_eval(args) -> int:
     from .app.run import evaluate_run
 
-    r = evaluate_run(args.run, data=args.data, seed=args.seed)
+    if args.seed is not None:
+        check_seed(args.seed, "--seed")
+    r = evaluate_run(args.run, data=args.data, seed=args.seed, allow_nonfinite=args.allow_nonfinite)
     line = f"{r['source']}: NLL {_fmt(r['nll'])} ± {_fmt(r['nll_se'])} nats over {r['n']} rows"
     if "bits_per_dim" in r:
         line += f"  ({_fmt(r['bits_per_dim'])} ± {_fmt(r['bits_per_dim_se'])} bits/dim)"
@@ -229,7 +255,15 @@ def _cmd_eval(args) -> int:
 def _cmd_sample(args) -> int:
     from .app.run import sample_run
 
-    arr = sample_run(args.run, args.n, args.out, seed=args.seed, force=args.force)
+    check_seed(args.seed, "--seed")
+    arr = sample_run(
+        args.run,
+        args.n,
+        args.out,
+        seed=args.seed,
+        force=args.force,
+        allow_nonfinite=args.allow_nonfinite,
+    )
     print(f"wrote {arr.shape[0]} samples of shape {tuple(arr.shape[1:])} to {args.out}")
     return 0
 
@@ -267,9 +301,16 @@ def _cmd_check(args) -> int:
 
 
 def _cmd_detect(args) -> int:
-    from .anomaly import detect_run
+    from .app.detect import detect_run
 
-    r = detect_run(args.run, args.data, args.labels, args.quantile, args.out)
+    r = detect_run(
+        args.run,
+        args.data,
+        args.labels,
+        args.quantile,
+        args.out,
+        allow_nonfinite=args.allow_nonfinite,
+    )
     print(
         f"threshold {r['threshold']:.4f} {r['unit']} ({r['quantile']} quantile of validation "
         f"scores): {r['flagged']} of {r['n']} rows flagged"
@@ -294,7 +335,7 @@ def _cmd_export(args) -> int:
         raise _Usage(f"{out} exists; pass --force to overwrite")
     if not out.parent.is_dir():
         raise _Usage(f"directory {out.parent} does not exist")
-    run = load_run(args.run)
+    run = load_run(args.run, allow_nonfinite=args.allow_nonfinite)
     to_onnx(run.flow, out, what=args.what, solver=args.solver, steps=args.steps)
     event = "x".join(str(s) for s in run.event_shape)
     if args.what == "log_prob":
@@ -325,8 +366,7 @@ def _cmd_score(args) -> int:
     from .data import read_table
     from .errors import DataError
 
-    if args.batch_size < 1:
-        raise _Usage(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_count(args.batch_size, "--batch-size", minimum=1, error=_Usage)
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix.lower() not in (".npy", ".csv"):
         raise _Usage(f"--out must end in .npy or .csv, got {out.name!r}")
@@ -382,7 +422,11 @@ class _Usage(ExactflowError, ValueError):
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 1 failed check/run, 2 bad input)."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _ParseError as err:
+        print(f"{err.prog}: error: {err.message} (see {err.prog} --help)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT
@@ -400,14 +444,11 @@ def main(argv: list[str] | None = None) -> int:
             # one line per warning, without the source line, keeps the output readable
             warnings.simplefilter("default")
             return commands[args.command](args)
-    except (ValueError, TypeError) as err:
-        if not isinstance(err, ExactflowError):
-            raise
-        print(f"exactflow {args.command}: error: {err}".splitlines()[0], file=sys.stderr)
-        return EXIT_BAD_INPUT
     except ExactflowError as err:
+        # bad input is a ValueError/TypeError subclass; CheckFailed, NonFiniteTraining are not
+        bad_input = isinstance(err, (ValueError, TypeError))
         print(f"exactflow {args.command}: error: {err}".splitlines()[0], file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_BAD_INPUT if bad_input else EXIT_FAILED
     except OSError as err:
         where = f" {err.filename}:" if err.filename else ""
         print(f"exactflow {args.command}: error:{where} {err.strerror or err}", file=sys.stderr)
@@ -415,6 +456,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"exactflow {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug, not bad input: one line here, the traceback on request
+        if os.environ.get("EXACTFLOW_TRACEBACK"):
+            raise
+        text = str(err).strip().splitlines()
+        print(
+            f"exactflow {args.command}: internal error: {type(err).__name__}"
+            + (f": {text[0]}" if text else "")
+            + " (a bug: please report it; EXACTFLOW_TRACEBACK=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":  # pragma: no cover

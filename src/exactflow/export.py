@@ -27,8 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from .continuous.fixed_step import FixedStepCNF
-from .errors import ConfigError
+from .errors import ConfigError, DTypeError
 from .flow import Flow
+from .validation import as_tensor, check_count
 
 __all__ = ["FixedStepCNF", "export_form", "load_onnx", "to_onnx"]
 
@@ -117,11 +118,22 @@ def to_onnx(
     if what not in WHATS:
         raise ConfigError(f"unknown export target {what!r}; valid: {', '.join(WHATS)}")
     if not isinstance(flow, Flow):
-        raise TypeError(f"to_onnx needs an exactflow Flow, got {type(flow).__name__}")
+        raise DTypeError(f"to_onnx needs an exactflow Flow, got {type(flow).__name__}")
+    if opset is not None:
+        opset = check_count(opset, "opset", minimum=1)
+    path = Path(path)
+    # checked here: the exporter's own FileNotFoundError would read as an unsupported op
+    if not path.parent.is_dir():
+        raise ConfigError(f"cannot write {path}: directory {path.parent} does not exist")
+    if path.is_dir():
+        raise ConfigError(f"cannot write {path}: it is a directory; give a .onnx file name")
     frozen = export_form(flow, solver=solver, steps=steps)
     if example_input is None:
         gen = torch.Generator().manual_seed(0)
         example_input = torch.randn(2, *flow.event_shape, generator=gen)
+    example_input = as_tensor(example_input, "example_input", flow.dtype)
+    if example_context is not None:
+        example_context = as_tensor(example_context, "example_context", flow.dtype)
     batch = example_input.shape[0]
     args: list[Tensor] = [example_input.to(flow.dtype)]
     names = ["noise" if what == "sample" else "x"]
@@ -141,7 +153,6 @@ def to_onnx(
     if dynamic_batch:
         b = torch.export.Dim("batch", min=1)
         dynamic = tuple({0: b} if n in ("x", "noise", "context") else None for n in names)
-    path = Path(path)
     # the exporter prints progress lines and logs a warning per missing optional package
     quiet_log = logging.getLogger("torch.onnx")
     level = quiet_log.level

@@ -14,10 +14,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["image_grid", "plot_density_2d", "plot_images", "plot_loss", "plot_scatter"]
+__all__ = [
+    "image_grid",
+    "new_figure",
+    "plot_density_2d",
+    "plot_images",
+    "plot_loss",
+    "plot_scatter",
+    "save_figure",
+]
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
+    """A matplotlib ``Figure`` of ``width`` x ``height`` inches on its own Agg canvas (no
+    pyplot, so no global state); :class:`ConfigError` if matplotlib is missing."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -30,8 +40,8 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _save(fig, path: str | Path) -> None:
-    # write through a temporary name so a crash never leaves half a PNG
+def save_figure(fig, path: str | Path) -> None:
+    """Write ``fig`` to ``path`` as a PNG, atomically (a crash never leaves half a file)."""
     import io
 
     from .train.checkpoint import atomic_write_bytes
@@ -45,7 +55,7 @@ def plot_loss(
     losses: Sequence[float], val_history: Sequence[Sequence[float]], path: str | Path
 ) -> None:
     """Training loss per step (raw and smoothed) and validation NLL against the step."""
-    fig = _figure(6.0, 3.6)
+    fig = new_figure(6.0, 3.6)
     ax = fig.add_subplot(1, 1, 1)
     y = np.asarray(losses, dtype=np.float64)
     steps = np.arange(1, len(y) + 1)
@@ -67,7 +77,7 @@ def plot_loss(
     ax.set_ylabel("NLL (nats)")
     ax.legend(loc="upper right", fontsize=8)
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 @torch.no_grad()
@@ -99,7 +109,7 @@ def plot_density_2d(
     shown = data[:samples].numpy()
     extent = (float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1]))
 
-    fig = _figure(12.0, 4.0)
+    fig = new_figure(12.0, 4.0)
     panels = (("model density", None), ("model samples", sample), ("data", shown))
     for i, (title, pts) in enumerate(panels):
         ax = fig.add_subplot(1, 3, i + 1)
@@ -112,17 +122,17 @@ def plot_density_2d(
         ax.set_title(title)
         ax.set_xticks([])
         ax.set_yticks([])
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_scatter(points: Tensor, path: str | Path, title: str = "samples") -> None:
     """Scatter plot of the first two coordinates of ``points`` ``(N, D >= 2)``."""
     p = points.detach().cpu().double().reshape(points.shape[0], -1).numpy()
-    fig = _figure(4.0, 4.0)
+    fig = new_figure(4.0, 4.0)
     ax = fig.add_subplot(1, 1, 1)
     ax.scatter(p[:, 0], p[:, 1], s=2, alpha=0.5)
     ax.set_title(title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def image_grid(images: Tensor, nrow: int | None = None, pad: int = 1) -> np.ndarray:
@@ -143,7 +153,7 @@ def plot_images(images: Tensor, path: str | Path, nrow: int | None = None, title
     """Save a grid of ``(N, C, H, W)`` images with values in ``[0, 1]`` as a PNG."""
     grid = image_grid(images, nrow)
     size = max(5.0, min(10.0, grid.shape[1] / 20))
-    fig = _figure(size, size * grid.shape[0] / grid.shape[1] + (0.3 if title else 0.0))
+    fig = new_figure(size, size * grid.shape[0] / grid.shape[1] + (0.3 if title else 0.0))
     ax = fig.add_subplot(1, 1, 1)
     ax.imshow(
         grid.squeeze(-1) if grid.shape[-1] == 1 else grid,
@@ -155,4 +165,4 @@ def plot_images(images: Tensor, path: str | Path, nrow: int | None = None, title
     ax.axis("off")
     if title:
         ax.set_title(title)
-    _save(fig, path)
+    save_figure(fig, path)

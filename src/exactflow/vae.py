@@ -30,6 +30,7 @@ from .distributions import ConditionalGaussian, StandardNormal
 from .errors import ConfigError, ShapeError
 from .flow import Flow
 from .transforms import Compose, Transform
+from .validation import check_count, check_positive_finite, check_seed
 
 __all__ = [
     "POSTERIORS",
@@ -64,14 +65,10 @@ class AmortisedPlanar(Transform):
 
     def __init__(self, features: int, context_features: int, bisection_steps: int = 60):
         super().__init__()
-        if features < 1 or context_features < 1:
-            raise ConfigError(
-                f"features and context_features must be >= 1, got {features}, {context_features}"
-            )
-        self.features = int(features)
-        self.context_features = int(context_features)
+        self.features = check_count(features, "features", minimum=1)
+        self.context_features = check_count(context_features, "context_features", minimum=1)
         self.event_dim = 1
-        self.bisection_steps = int(bisection_steps)
+        self.bisection_steps = check_count(bisection_steps, "bisection_steps", minimum=1)
         self.net = nn.Linear(context_features, 2 * features + 1)
         nn.init.zeros_(self.net.weight)
         nn.init.zeros_(self.net.bias)
@@ -169,8 +166,10 @@ class FlowVAE(nn.Module):
         if prior not in ("standard", "flow"):
             raise ConfigError(f"prior must be 'standard' or 'flow', got {prior!r}")
         for name, v in (("data_dim", data_dim), ("latent", latent), ("hidden", hidden)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{name} must be a positive int, got {v!r}")
+            check_count(v, name, minimum=1)
+        check_count(context, "context", minimum=1)
+        check_count(flow_layers, "flow_layers")  # 0: a plain VAE posterior
+        check_count(prior_layers, "prior_layers", minimum=1)
         self.data_dim, self.latent = int(data_dim), int(latent)
         self.posterior_kind, self.prior_kind = posterior, prior
         self.encoder = nn.Sequential(_mlp([data_dim, hidden, hidden, context]), nn.SiLU())
@@ -339,7 +338,15 @@ def train_vae(
     """
     if train.dim() != 2 or train.shape[1] != model.data_dim:
         raise ShapeError(f"train must have shape (N, {model.data_dim}), got {tuple(train.shape)}")
-    g = torch.Generator().manual_seed(int(seed))
+    for name, v, least in (
+        ("steps", steps, 1),
+        ("batch_size", batch_size, 1),
+        ("k_eval", k_eval, 1),
+    ):
+        check_count(v, name, minimum=least)
+    check_count(warmup, "warmup")
+    check_positive_finite(lr, "lr")
+    g = torch.Generator().manual_seed(check_seed(seed))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses: list[float] = []
     t0 = time.perf_counter()

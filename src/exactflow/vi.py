@@ -350,7 +350,8 @@ def plot_vi(
     title: str = "",
 ) -> None:
     """Heat maps of ``exp(log p~)`` next to each ``q(z)`` on ``[-lim, lim]^2``."""
-    from .plotting import _figure, _save
+    from .plotting import new_figure as _figure
+    from .plotting import save_figure as _save
 
     fn = _resolve(target)
     t = torch.linspace(-lim, lim, n)

@@ -23,8 +23,9 @@ from typing import Any
 
 import tomllib
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ExactflowError
 from ..train.engine import TrainConfig
+from ..validation import check_count, check_real, check_seed
 
 __all__ = ["RunConfig", "dump_toml"]
 
@@ -78,15 +79,15 @@ class RunConfig:
                     raise ConfigError(f"{key} must be a string, got {d[key]!r}")
                 out[key] = d[key]
         if "seed" in d:
-            if isinstance(d["seed"], bool) or not isinstance(d["seed"], int) or d["seed"] < 0:
-                raise ConfigError(f"seed must be a non-negative int, got {d['seed']!r}")
-            out["seed"] = d["seed"]
+            out["seed"] = _seed(d["seed"], "seed")
         for key in ("data_args", "model_args", "train"):
             if key in d:
                 if not isinstance(d[key], dict):
                     raise ConfigError(f"[{key}] must be a table, got {d[key]!r}")
                 out[key] = {**out[key], **d[key]}
         train_seed = d.get("train", {}).get("seed")
+        if train_seed is not None:
+            train_seed = _seed(train_seed, "[train] seed")
         if train_seed is not None and "seed" not in d:
             out["seed"] = train_seed
         elif train_seed is not None and train_seed != out["seed"]:
@@ -102,6 +103,43 @@ class RunConfig:
             model_args=out["model_args"],
             train=TrainConfig.from_dict(out["train"]),
         )
+
+    def validate(self) -> None:
+        """Check what can be checked without loading data or building the model: types,
+        the seed (an int in ``[0, 2**63 - 1]``, the same in ``[train]``), the training
+        options, and split options that would leave a split empty (``val = 0.0``,
+        ``n_test = 0``); raises :class:`ConfigError` (or :class:`DTypeError`) naming the key.
+        """
+        for key in ("data", "model"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                raise ConfigError(f"{key} must be a non-empty string, got {getattr(self, key)!r}")
+        for key in ("data_args", "model_args"):
+            if not isinstance(getattr(self, key), dict):
+                raise ConfigError(f"[{key}] must be a table, got {getattr(self, key)!r}")
+        if not isinstance(self.train, TrainConfig):
+            raise ConfigError(f"train must be a TrainConfig, got {type(self.train).__name__}")
+        self.seed = _seed(self.seed, "seed")
+        if self.train.seed != self.seed:
+            raise ConfigError(
+                f"seed = {self.seed!r} but [train] seed = {self.train.seed!r}; give one seed"
+            )
+        self.train.validate()
+        for key in ("n_train", "n_val", "n_test"):
+            if key in self.data_args:
+                n = check_count(self.data_args[key], f"[data_args] {key}")
+                if n < 1:
+                    raise ConfigError(
+                        f"[data_args] {key} = {n} leaves the {key[2:]} split empty: every "
+                        "split needs at least one row"
+                    )
+        for key in ("val", "test"):
+            if key in self.data_args:
+                f = check_real(self.data_args[key], f"[data_args] {key}")
+                if not 0.0 < f < 1.0:
+                    raise ConfigError(
+                        f"[data_args] {key} = {f:g} must be a fraction in (0, 1): every "
+                        "split needs at least one row"
+                    )
 
     @classmethod
     def read(cls, path: str | Path, base: RunConfig | None = None) -> RunConfig:
@@ -119,12 +157,21 @@ class RunConfig:
             raise ConfigError(f"{path}: invalid TOML ({err})") from err
         try:
             return cls.from_dict(d, base)
-        except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from err
+        except ExactflowError as err:
+            raise type(err)(f"{path}: {err}") from err
 
     def to_toml(self) -> str:
         """The configuration as TOML text."""
         return dump_toml(self.to_dict())
+
+
+def _seed(value: Any, name: str) -> int:
+    # the seed's type error is a configuration error too: one class for everything a run
+    # file can get wrong
+    try:
+        return check_seed(value, name)
+    except ExactflowError as err:
+        raise ConfigError(str(err)) from err
 
 
 def _value(v: Any) -> str:

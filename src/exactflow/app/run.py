@@ -19,7 +19,11 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import re
+import secrets
+import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +33,7 @@ import torch
 
 from ..data import Dataset, bits_per_dim, file_dataset, load_dataset
 from ..data.dataset import make_preprocess
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, ExactflowError
 from ..flow import Flow
 from ..train.checkpoint import (
     atomic_write_text,
@@ -40,13 +44,15 @@ from ..train.checkpoint import (
     state_dict_mismatch,
 )
 from ..train.distributed import DistributedContext, DistributedTrainer, on_main, session
-from ..train.engine import TrainConfig, Trainer
+from ..train.engine import TrainConfig, Trainer, resolve_device
 from ..transforms.base import Compose
-from .config import RunConfig
+from ..validation import check_count, check_seed
+from .config import RunConfig, dump_toml
 
 __all__ = [
     "OUTPUT_FILES",
     "LoadedRun",
+    "build_checked",
     "build_flow",
     "default_config",
     "evaluate_run",
@@ -194,33 +200,174 @@ def _batch_fn(dataset_discrete: bool, event_shape: tuple[int, ...]):
     return fn
 
 
-def _prepare_out(out: Path, force: bool) -> None:
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse an output path that is a file, or a directory holding anything without
+    ``force`` (nothing is deleted here: that waits until the whole run is validated)."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output path {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            present = [f for f in OUTPUT_FILES if (out / f).exists()]
-            what = f"holds {', '.join(present)}" if present else "is not empty"
-            raise ConfigError(
-                f"output directory {out} {what}; pass --force to overwrite or --resume to continue"
-            )
-        for f in OUTPUT_FILES:
-            (out / f).unlink(missing_ok=True)
+    if out.exists() and any(out.iterdir()) and not force:
+        present = [f for f in OUTPUT_FILES if (out / f).exists()]
+        what = f"holds {', '.join(present)}" if present else "is not empty"
+        raise ConfigError(
+            f"output directory {out} {what}; pass --force to overwrite or --resume to continue"
+        )
 
 
-def _create_out(out: Path) -> None:
-    """Create ``out`` once the data and the model are known to load, so that a run that
-    fails on its input leaves no empty directory behind; clear stale temporary files."""
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp"):  # left by a killed writer; never a valid file
-        stale.unlink(missing_ok=True)
+def _renamed(err: OSError, path: Path) -> OSError:
+    # the user asked for ``path``: name it, not the hidden temporary directory
+    return OSError(err.errno, err.strerror or str(err), str(path))
+
+
+def _create_out(out: Path, config_text: str | None, force: bool) -> None:
+    """Make ``out`` a run directory holding ``config_text`` as config.toml, once the whole
+    run is validated.
+
+    A new directory appears atomically: it is filled in a hidden sibling
+    (``.NAME.XXXXXXXX.tmp``) and renamed into place, so a start that fails (a read-only
+    or full disk) leaves nothing behind. An existing directory (empty, ``force``, or a
+    resumed run) loses the previous run's outputs (``force``) and stale temporary files.
+    """
+    if out.is_dir():
+        if force:
+            for f in OUTPUT_FILES:
+                (out / f).unlink(missing_ok=True)
+        for stale in out.glob(".*.tmp"):  # left by a killed writer; never a valid file
+            stale.unlink(missing_ok=True)
+        if config_text is not None:
+            atomic_write_text(out / "config.toml", config_text)
+        return
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            tmp = parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
+            try:
+                tmp.mkdir()  # not tempfile.mkdtemp: its mode 0o700 would ignore the umask
+                break
+            except FileExistsError:
+                continue
+    except OSError as err:
+        raise _renamed(err, out) from err
+    try:
+        if config_text is not None:
+            try:
+                atomic_write_text(tmp / "config.toml", config_text)
+            except OSError as err:
+                raise _renamed(err, out / "config.toml") from err
+        try:
+            tmp.rename(out)
+        except OSError as err:
+            raise _renamed(err, out) from err
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _seeded_build(cfg: RunConfig, dataset: Dataset) -> tuple[Flow, tuple[int, ...]]:
     # fork_rng keeps the caller's global RNG untouched while seeding the initialisation
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return build_flow(cfg.model, cfg.model_args, dataset.meta(), dataset)
+        return build_checked(cfg.model, cfg.model_args, dataset.meta(), dataset)
+
+
+def build_checked(
+    model: str,
+    model_args: dict[str, Any],
+    data_meta: dict[str, Any],
+    dataset: Dataset | None = None,
+) -> tuple[Flow, tuple[int, ...]]:
+    """:func:`build_flow`, with *any* failure of the builder turned into one
+    :class:`ConfigError` that names the ``[model_args]`` key at fault.
+
+    Builders raise what their arguments deserve (``ValueError`` for ``hidden = [0]``, a
+    ``ConfigError`` for an unknown map); a run file's reader needs one line saying which
+    key to change. The key is found by rebuilding without each key in turn (only on
+    failure): the one whose removal lets the model build is named.
+    """
+    resolve_model(model)  # an unknown model name is its own, already clear, error
+    if not isinstance(model_args, dict):
+        raise ConfigError(f"[model_args] must be a table, got {model_args!r}")
+    try:
+        return build_flow(model, model_args, data_meta, dataset)
+    except Exception as err:
+        raise _build_error(model, model_args, data_meta, err) from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else ""
+    if isinstance(err, ExactflowError):
+        return line or type(err).__name__
+    return f"{type(err).__name__}: {line}" if line else type(err).__name__
+
+
+def _build_error(
+    model: str, model_args: dict[str, Any], data_meta: dict[str, Any], err: Exception
+) -> ConfigError:
+    culprits = []
+    if 0 < len(model_args) <= 16:
+        for key in model_args:
+            rest = {k: v for k, v in model_args.items() if k != key}
+            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    build_flow(model, rest, data_meta)
+                except Exception:
+                    continue
+            culprits.append(key)
+    if len(culprits) == 1:
+        key = culprits[0]
+        where = f"[model_args] {key} = {_toml_value(model_args[key])}"
+    elif model_args:
+        shown = ", ".join(f"{k} = {_toml_value(v)}" for k, v in model_args.items())
+        where = f"[model_args] {{{shown}}}"
+    else:
+        where = f"the defaults, data shape {tuple(data_meta.get('shape', ()))}"
+    return ConfigError(f"model {model!r} cannot be built from {where}: {_first_line(err)}")
+
+
+def _toml_value(value: Any) -> str:
+    try:
+        return dump_toml({"v": value}).strip()[len("v = ") :]
+    except ConfigError:
+        return repr(value)
+
+
+def _check_device(name: str, dist: DistributedContext | None) -> None:
+    """Refuse a device this machine does not have before anything is written (under
+    torchrun each rank's device is checked by :class:`DistributedTrainer`)."""
+    if dist is not None:
+        return
+    if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", name):
+        raise ConfigError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {name!r}")
+    resolve_device(name)  # an unavailable CUDA is a ConfigError
+    if name.startswith("cuda:"):
+        index, count = int(name.split(":")[1]), torch.cuda.device_count()
+        if index >= count:
+            raise ConfigError(
+                f"device {name!r} requested but this machine has {count} CUDA device(s) "
+                f"(cuda:0 to cuda:{count - 1})"
+            )
+
+
+def _check_splits(cfg: RunConfig, dataset: Dataset) -> None:
+    """Every split needs a row: training, best-on-validation and the test NLL read them."""
+    for part in ("train", "val", "test"):
+        rows = getattr(dataset, part)
+        if rows.shape[0] < 1:
+            given = {k: v for k, v in cfg.data_args.items() if k in _SPLIT_KEYS[part]}
+            why = ", ".join(f"{k} = {v!r}" for k, v in given.items()) or "the data set is too small"
+            raise ConfigError(
+                f"the {part} split of {cfg.data!r} is empty ([data_args] {why}); "
+                "train, val and test each need at least one row"
+            )
+
+
+_SPLIT_KEYS = {
+    "train": ("n_train", "val", "test"),
+    "val": ("n_val", "val"),
+    "test": ("n_test", "test"),
+}
 
 
 def _log(msg: str, quiet: bool) -> None:
@@ -275,6 +422,8 @@ def _train(
         out = Path(dist.run_on_main(lambda: str(out).encode()).decode())
         quiet = quiet or not dist.is_main
     ckpt = out / "checkpoint.safetensors"
+    # everything is validated before the run directory exists, so a start that fails
+    # (bad config, data, model arguments, device) leaves nothing behind
     if resume:
 
         def read() -> bytes:
@@ -283,32 +432,30 @@ def _train(
             return read_checkpoint_bytes(ckpt)
 
         _, meta = parse_checkpoint(read() if dist is None else dist.run_on_main(read), ckpt)
-        saved = meta.get("meta", {}).get("run")
-        if saved is None:
-            raise ConfigError(f"{ckpt}: no run configuration inside")
-        cfg = RunConfig.from_dict(saved)
+        inner = meta.get("meta")
+        saved = inner.get("run") if isinstance(inner, dict) else None
+        if not isinstance(saved, dict):
+            raise DataError(f"{ckpt}: no run configuration inside")
+        try:
+            cfg = RunConfig.from_dict(saved)
+        except ConfigError as err:
+            raise ConfigError(f"{ckpt}: saved run configuration: {err}") from err
         if steps is not None:
-            cfg.train.steps = int(steps)
+            cfg.train.steps = steps
         if device is not None:
             cfg.train.device = device
         if quiet:
             cfg.train.progress = False
-        cfg.train.validate()
-    else:
-        on_main(dist, lambda: _prepare_out(out, force))
-    dataset = _load_main_first(cfg, dist)
-    flow, event_shape = _seeded_build(cfg, dataset)
-    on_main(dist, lambda: _create_out(out))  # on resume: a kill mid-write left a .tmp file
+    elif not isinstance(cfg, RunConfig):
+        raise ConfigError(f"train_run needs a RunConfig, got {type(cfg).__name__}")
+    cfg.validate()
+    _check_device(cfg.train.device, dist)
     if not resume:
-        on_main(dist, lambda: atomic_write_text(out / "config.toml", cfg.to_toml()))
+        on_main(dist, lambda: _check_out(out, force))
+    dataset = _load_main_first(cfg, dist)
+    _check_splits(cfg, dataset)
+    flow, event_shape = _seeded_build(cfg, dataset)
     n_params = sum(p.numel() for p in flow.parameters() if p.requires_grad)
-    _log(
-        f"training {cfg.model} ({n_params:,} parameters) on {cfg.data}: "
-        f"{dataset.train.shape[0]} train / {dataset.val.shape[0]} val / "
-        f"{dataset.test.shape[0]} test rows, {cfg.train.steps} steps"
-        + (" (resumed)" if resume else ""),
-        quiet,
-    )
     trainer = (Trainer if dist is None else DistributedTrainer)(
         flow,
         dataset.train,
@@ -317,6 +464,16 @@ def _train(
         batch_fn=_batch_fn(dataset.discrete, event_shape),
         checkpoint=ckpt,
         meta={"run": cfg.to_dict(), "data": dataset.meta(), "event_shape": list(event_shape)},
+    )
+    # validated: now the directory (on resume: only its stale temporary files)
+    config_text = None if resume else cfg.to_toml()
+    on_main(dist, lambda: _create_out(out, config_text, force and not resume))
+    _log(
+        f"training {cfg.model} ({n_params:,} parameters) on {cfg.data}: "
+        f"{dataset.train.shape[0]} train / {dataset.val.shape[0]} val / "
+        f"{dataset.test.shape[0]} test rows, {cfg.train.steps} steps"
+        + (" (resumed)" if resume else ""),
+        quiet,
     )
     result = trainer.fit(resume=resume)
     test_nll, test_se = trainer.nll(dataset.test, seed=cfg.seed + 1)
@@ -407,21 +564,32 @@ class LoadedRun:
     metrics: dict[str, Any]
 
 
-def load_run(path: str | Path, device: str = "cpu") -> LoadedRun:
+def load_run(path: str | Path, device: str = "cpu", *, allow_nonfinite: bool = False) -> LoadedRun:
     """Rebuild the model of a run directory from ``model.safetensors`` (never unpickles).
 
-    Raises :class:`DataError` for a missing/corrupt file and :class:`ConfigError` if the
-    weights do not fit the recorded model.
+    Args:
+        path: a run directory or a model file.
+        device: where to put the flow.
+        allow_nonfinite: load weights holding NaN or inf (refused by default: every density
+            and sample computed from them would be NaN).
+
+    Raises :class:`DataError` for a missing or corrupt file, metadata of the wrong form
+    (a missing ``"run"`` entry, a JSON array where an object belongs, ...) and non-finite
+    weights; :class:`ConfigError` if the weights do not fit the recorded model.
     """
     path = Path(path)
     file = path / "model.safetensors" if path.is_dir() else path
     if not file.exists():
         raise DataError(f"{path}: no model.safetensors (is this an exactflow run directory?)")
-    tensors, meta = load_checkpoint(file)
+    tensors, meta = load_checkpoint(file, allow_nonfinite=allow_nonfinite)
     if meta.get("format") != MODEL_FORMAT:
         raise ConfigError(f"{file}: not an exactflow model file (format {meta.get('format')!r})")
-    cfg = RunConfig.from_dict(meta["run"])
-    flow, event_shape = build_flow(cfg.model, cfg.model_args, meta["data"])
+    _check_model_meta(meta, file)
+    try:
+        cfg = RunConfig.from_dict(meta["run"])
+        flow, event_shape = build_checked(cfg.model, cfg.model_args, meta["data"])
+    except ConfigError as err:
+        raise ConfigError(f"{file}: {err}") from err
     try:
         flow.load_state_dict(tensors, strict=True)
     except RuntimeError as err:
@@ -430,11 +598,57 @@ def load_run(path: str | Path, device: str = "cpu") -> LoadedRun:
             f"({state_dict_mismatch(flow, tensors) or str(err).splitlines()[0]})"
         ) from err
     flow.to(device).eval()
-    return LoadedRun(flow, cfg, meta["data"], event_shape, meta.get("metrics", {}))
+    return LoadedRun(flow, cfg, meta["data"], event_shape, meta.get("metrics") or {})
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    kinds = {dict: "object", list: "array", str: "string", bool: "boolean"}
+    return kinds.get(type(value), "number" if isinstance(value, (int, float)) else "value")
+
+
+def _check_model_meta(meta: dict[str, Any], file: Path) -> None:
+    """The metadata a model file needs, with its JSON types; :class:`DataError` naming the
+    first entry that is missing or of the wrong type."""
+
+    def need(where: dict, key: str, kind: type | tuple, label: str, optional: bool = False):
+        if key not in where:
+            if optional:
+                return
+            raise DataError(f"{file}: model metadata has no {label!r} entry")
+        value = where[key]
+        ok = isinstance(value, kind) and not (isinstance(value, bool) and bool not in kind)
+        if not ok:
+            want = " or ".join(_json_kind(t()) if t is not type(None) else "null" for t in kind)
+            raise DataError(
+                f"{file}: model metadata {label!r} must be a JSON {want}, "
+                f"got a JSON {_json_kind(value)}"
+            )
+
+    need(meta, "run", (dict,), "run")
+    need(meta, "data", (dict,), "data")
+    need(meta, "event_shape", (list,), "event_shape")
+    need(meta, "metrics", (dict, type(None)), "metrics", optional=True)
+    data = meta["data"]
+    need(data, "shape", (list,), "data.shape")
+    need(data, "preprocessing", (str,), "data.preprocessing")
+    need(data, "levels", (int, type(None)), "data.levels", optional=True)
+    need(data, "image_shape", (list, type(None)), "data.image_shape", optional=True)
+    for label, dims in (("data.shape", data["shape"]), ("event_shape", meta["event_shape"])):
+        if not dims or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims
+        ):
+            raise DataError(f"{file}: model metadata {label!r} must list positive ints, got {dims}")
 
 
 def evaluate_run(
-    path: str | Path, data: str | None = None, seed: int | None = None, batch_size: int = 4096
+    path: str | Path,
+    data: str | None = None,
+    seed: int | None = None,
+    batch_size: int = 4096,
+    *,
+    allow_nonfinite: bool = False,
 ) -> dict[str, Any]:
     """Test NLL (nats) with standard error, and bits/dim for discrete data, of a saved run.
 
@@ -443,8 +657,11 @@ def evaluate_run(
         data: evaluate on every row of this ``.npy``/``.csv`` file instead of the run's test
             split (its column count must match the model).
         seed: seed of the dequantisation noise (default: the run's seed + 1).
+        allow_nonfinite: evaluate weights holding NaN or inf (see :func:`load_run`).
     """
-    run = load_run(path)
+    seed = None if seed is None else check_seed(seed)
+    batch_size = check_count(batch_size, "batch_size", minimum=1)
+    run = load_run(path, allow_nonfinite=allow_nonfinite)
     meta = run.data_meta
     seed = run.config.seed + 1 if seed is None else seed
     if data is None:
@@ -476,19 +693,29 @@ def evaluate_run(
 
 
 def sample_run(
-    path: str | Path, n: int, out: str | Path, seed: int = 0, force: bool = False
+    path: str | Path,
+    n: int,
+    out: str | Path,
+    seed: int = 0,
+    force: bool = False,
+    *,
+    allow_nonfinite: bool = False,
 ) -> np.ndarray:
     """Draw ``n`` samples from a saved run and write them to ``.npy`` (data units; integer
-    levels for discrete data) or ``.png`` (scatter for vectors, a grid for images)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"number of samples must be a positive int, got {n!r}")
+    levels for discrete data) or ``.png`` (scatter for vectors, a grid for images).
+
+    ``allow_nonfinite`` samples from weights holding NaN or inf (see :func:`load_run`)."""
+    n = check_count(n, "number of samples", minimum=1)
+    seed = check_seed(seed)
     out = Path(out)
     if out.suffix.lower() not in (".npy", ".png"):
         raise ConfigError(f"--out must end in .npy or .png, got {out.name!r}")
     if out.exists() and not force:
         raise ConfigError(f"{out} exists; pass --force to overwrite")
-    run = load_run(path)
-    g = torch.Generator().manual_seed(int(seed))
+    if not out.parent.is_dir():
+        raise ConfigError(f"cannot write {out}: directory {out.parent} does not exist")
+    run = load_run(path, allow_nonfinite=allow_nonfinite)
+    g = torch.Generator().manual_seed(seed)
     x = run.flow.sample(n, generator=g).cpu()
     meta = run.data_meta
     x = x.reshape(n, *meta["shape"])

@@ -8,7 +8,10 @@ directory, is flushed and ``fsync``-ed, then ``os.replace``-d over the target, s
 
 Loading never unpickles: the file must be a well-formed safetensors file (8-byte header
 length, JSON header, raw tensor bytes); anything else, e.g. a ``torch.save`` pickle, is
-refused with :class:`~exactflow.errors.DataError` before any of it is interpreted.
+refused with :class:`~exactflow.errors.DataError` before any of it is interpreted. Its
+metadata must be a JSON object, and floating tensors holding NaN or inf are refused unless
+the caller passes ``allow_nonfinite=True`` (weights that are NaN load silently otherwise and
+every density or sample computed from them is NaN).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from ..errors import DataError
 __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_finite_tensors",
     "load_checkpoint",
     "optimizer_from_flat",
     "optimizer_to_flat",
@@ -123,12 +127,16 @@ def _header(raw: bytes, path: Path) -> dict[str, Any]:
     return header
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def load_checkpoint(
+    path: str | Path, *, allow_nonfinite: bool = False
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Read a checkpoint written by :func:`save_checkpoint`: ``(tensors, meta)``.
 
-    Raises :class:`DataError` for a missing, truncated, corrupt or non-safetensors file.
+    Raises :class:`DataError` for a missing, truncated, corrupt or non-safetensors file,
+    metadata that is not a JSON object, and (unless ``allow_nonfinite``) a floating tensor
+    holding NaN or inf.
     """
-    return parse_checkpoint(read_checkpoint_bytes(path), path)
+    return parse_checkpoint(read_checkpoint_bytes(path), path, allow_nonfinite=allow_nonfinite)
 
 
 def read_checkpoint_bytes(path: str | Path) -> bytes:
@@ -142,7 +150,9 @@ def read_checkpoint_bytes(path: str | Path) -> bytes:
         raise DataError(f"{path}: cannot read checkpoint ({err.strerror})") from err
 
 
-def parse_checkpoint(raw: bytes, path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def parse_checkpoint(
+    raw: bytes, path: str | Path, *, allow_nonfinite: bool = False
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """:func:`load_checkpoint` on bytes already read (e.g. broadcast from another process).
 
     ``path`` only names the source in error messages.
@@ -152,15 +162,45 @@ def parse_checkpoint(raw: bytes, path: str | Path) -> tuple[dict[str, Tensor], d
 
     path = Path(path)
     header = _header(raw, path)
-    meta_str = (header.get("__metadata__") or {}).get(_META_KEY)
-    if meta_str is None:
+    stored = header.get("__metadata__") or {}
+    meta_str = stored.get(_META_KEY) if isinstance(stored, dict) else None
+    if not isinstance(meta_str, str):
         raise DataError(f"{path}: safetensors file without exactflow metadata")
     try:
         meta = json.loads(meta_str)
         tensors = load(raw)
     except (json.JSONDecodeError, SafetensorError) as err:
         raise DataError(f"{path}: corrupt checkpoint ({err})") from err
+    if not isinstance(meta, dict):
+        raise DataError(
+            f"{path}: exactflow metadata must be a JSON object, got a JSON {_json_type(meta)}"
+        )
+    if not allow_nonfinite:
+        check_finite_tensors(tensors, path)
     return tensors, meta
+
+
+def _json_type(value: Any) -> str:
+    names = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def check_finite_tensors(tensors: dict[str, Tensor], path: str | Path) -> None:
+    """:class:`DataError` naming the first floating tensor of ``tensors`` with NaN or inf
+    (and how many there are); ``path`` names the source."""
+    bad = [
+        k
+        for k, v in tensors.items()
+        if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())
+    ]
+    if bad:
+        v = tensors[bad[0]]
+        count = int((~torch.isfinite(v)).sum())
+        raise DataError(
+            f"{path}: {len(bad)} tensor(s) hold NaN or inf, e.g. {bad[0]!r} ({count} of "
+            f"{v.numel()} values); the weights are unusable (load anyway with "
+            "allow_nonfinite=True, on the command line --allow-nonfinite)"
+        )
 
 
 def state_dict_mismatch(module: torch.nn.Module, tensors: dict[str, Tensor]) -> str:
