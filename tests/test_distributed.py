@@ -115,7 +115,7 @@ def _state(flow: Flow) -> dict[str, torch.Tensor]:
 
 
 # -- process harness --------------------------------------------------------------------------
-def _worker(rank: int, store: str, out: str, task: str) -> None:
+def _worker(rank: int, store: str, out: str, task) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -125,7 +125,7 @@ def _worker(rank: int, store: str, out: str, task: str) -> None:
         timeout=timedelta(seconds=LAUNCH_TIMEOUT),
     )
     try:
-        TASKS[task](rank, Path(out))
+        (TASKS[task] if isinstance(task, str) else task)(rank, Path(out))
         # as in exactflow's own session(): a rank that tears its group down while the other
         # is still finishing (rank 0 writes metrics) can make that rank abort (SIGABRT in CI)
         dist.barrier()
@@ -133,10 +133,13 @@ def _worker(rank: int, store: str, out: str, task: str) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(task: str, out: Path) -> None:
+def _spawn(task, out: Path) -> None:
+    """Run ``task`` on WORLD gloo ranks: a name in TASKS, or a module-level function
+    ``(rank, out_dir) -> None`` of another test file (pickled by reference)."""
+    name = task if isinstance(task, str) else task.__name__
     procs = mp.start_processes(
         _worker,
-        args=(str(out / f"store-{task}"), str(out), task),
+        args=(str(out / f"store-{name}"), str(out), task),
         nprocs=WORLD,
         join=False,
         start_method="spawn",
@@ -146,7 +149,7 @@ def _spawn(task: str, out: Path) -> None:
         if time.monotonic() > deadline:
             for p in procs.processes:
                 p.kill()
-            pytest.fail(f"distributed task {task!r} did not finish in {LAUNCH_TIMEOUT} s")
+            pytest.fail(f"distributed task {name!r} did not finish in {LAUNCH_TIMEOUT} s")
 
 
 def _task_equivalence(rank: int, out: Path) -> None:

@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import math
+from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, constraints
@@ -14,17 +16,51 @@ from torch.distributions import Distribution, constraints
 from .distributions import BaseDistribution, ConditionalGaussian, DiagGaussian, StandardNormal
 from .errors import ConfigError, ContextError, DomainError, DTypeError, ShapeError
 from .transforms.base import Transform
-from .validation import as_tensor, check_positive_finite, check_sample_shape
 
-__all__ = ["Flow", "FlowDistribution"]
+__all__ = ["DeclaresPenalty", "Flow", "FlowDistribution", "declared_penalty"]
 
 
 def _temperature(value) -> float:
-    return check_positive_finite(value, "temperature")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def _shape_str(shape) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+@runtime_checkable
+class DeclaresPenalty(Protocol):
+    """A submodule that adds a term to the training objective of any flow containing it.
+
+    ``training_penalty()`` returns the differentiable 0-dim penalty of the module's last
+    forward call (e.g. a CNF's weighted RNODE integrals), or ``None`` when that call computed
+    none (eval mode, zero weights). :meth:`Flow.training_loss` calls it right after the
+    forward pass, so the penalty belongs to the batch being trained on. A module opts in by
+    defining the method; the flow layer never needs to know its class.
+    """
+
+    def training_penalty(self) -> Tensor | None:
+        """The 0-dim penalty of the last forward call, or ``None`` when it computed none."""
+        ...
+
+
+def declared_penalty(module: nn.Module) -> Tensor | None:
+    """``Σ m.training_penalty()`` over the submodules of ``module`` that declare one (see
+    :class:`DeclaresPenalty`); ``None`` when none does or none computed a penalty."""
+    total = None
+    for m in module.modules():
+        # looked up on the class: a method is a declaration, an attribute named alike is not
+        hook = getattr(type(m), "training_penalty", None)
+        if not callable(hook):
+            continue
+        penalty = m.training_penalty()
+        if penalty is not None:
+            total = penalty if total is None else total + penalty
+    return total
 
 
 class Flow(nn.Module):
@@ -78,8 +114,13 @@ class Flow(nn.Module):
 
     # -- validation ---------------------------------------------------------------------------
     def _as_input(self, x, name: str = "x") -> Tensor:
-        if not isinstance(x, Tensor):  # lists and NumPy arrays take the flow's dtype
-            x = as_tensor(x, name, self.dtype).to(self.device)
+        if not isinstance(x, Tensor):
+            if isinstance(x, (int, float, list, tuple, np.ndarray, np.generic)):
+                x = torch.as_tensor(np.asarray(x, dtype=np.float64)).to(
+                    device=self.device, dtype=self.dtype
+                )
+            else:
+                raise DTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if not self.validate:
             return x
         if not x.is_floating_point():
@@ -140,7 +181,7 @@ class Flow(nn.Module):
 
     def _as_context(self, context) -> Tensor:
         if not isinstance(context, Tensor):
-            context = as_tensor(context, "context", self.dtype).to(self.device)
+            context = torch.as_tensor(np.asarray(context, dtype=np.float64)).to(self.dtype)
         c = self.context_features
         if context.dim() < 1 or context.shape[-1] != c:
             raise ShapeError(
@@ -175,8 +216,32 @@ class Flow(nn.Module):
             )
         return self.base.log_prob(z, self._base_context(context)) + ladj
 
+    def training_loss(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """The training objective on a batch, a scalar: ``-mean log p(x | c) + Σ penalties``.
+
+        The penalties are those the submodules declare for this forward pass
+        (:func:`declared_penalty`, e.g. RNODE's on a CNF). A model trained by another
+        objective overrides this (flow matching regresses its velocity field). Every trainer
+        minimises this one function: :class:`~exactflow.train.Trainer`, its compiled step and
+        the distributed trainer.
+
+        Args:
+            x: ``(*batch, *event_shape)`` training rows.
+            context: ``(*batch, C)`` or ``None``, as for :meth:`log_prob`.
+            generator: randomness of objectives that draw noise (flow matching); the NLL
+                draws none and ignores it.
+        """
+        loss = -self.log_prob(x, context).mean()
+        penalty = declared_penalty(self)
+        return loss if penalty is None else loss + penalty
+
     def _sample_setup(self, n, context) -> tuple[tuple[int, ...], Tensor | None]:
-        shape = check_sample_shape(n)
+        shape = (int(n),) if isinstance(n, (int, np.integer)) else tuple(int(s) for s in n)
         if any(s < 1 for s in shape):
             raise ShapeError(f"number of samples must be >= 1, got {_shape_str(shape)}")
         if context is None:
@@ -293,7 +358,7 @@ class FlowDistribution(Distribution):
         return self.flow.log_prob(value, self.context)
 
     def rsample(self, sample_shape=()) -> Tensor:
-        shape = check_sample_shape(sample_shape, "sample_shape")
+        shape = tuple(sample_shape)
         n = math.prod(shape)
         x = self.flow.rsample(n, self.context)
         return x.reshape(*shape, *x.shape[1:])

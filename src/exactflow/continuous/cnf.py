@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, ContextError, DTypeError, ShapeError
 from ..transforms.base import Transform
-from .regularization import RNODE, time_derivative
+from .regularization import RNODE, Regularized, time_derivative
 
 try:
     from torchdiffeq import odeint, odeint_adjoint
@@ -177,7 +177,8 @@ class TimeMLP(nn.Module):
         activation: ``"tanh"``, ``"softplus"``, ``"silu"`` or ``"elu"`` (smooth, since the
             trace and its gradient need second derivatives).
 
-    Shapes: ``t`` scalar (0-dim tensor or float), ``z`` ``(N, D)``, ``context`` ``(N, C)``.
+    Shapes: ``t`` scalar (0-dim tensor or float) or per row ``(N,)``, ``z`` ``(N, D)``,
+    ``context`` ``(N, C)``; returns ``(N, D)``.
     """
 
     def __init__(
@@ -191,7 +192,7 @@ class TimeMLP(nn.Module):
         super().__init__()
         for name, v in (("features", features), ("context_features", context_features)):
             if isinstance(v, bool) or not isinstance(v, int):
-                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+                raise DTypeError(f"{name} must be an int, got {type(v).__name__}")
         if features < 1 or context_features < 0:
             raise ConfigError(
                 f"need features >= 1 and context_features >= 0, got {features} and "
@@ -216,9 +217,21 @@ class TimeMLP(nn.Module):
         self.layers[-1].zero_output()
 
     def forward(self, t: Tensor | float, z: Tensor, context: Tensor | None = None) -> Tensor:
-        """``dz/dt`` ``(N, D)`` at the scalar time ``t`` and state ``z`` ``(N, D)``."""
+        """``dz/dt`` ``(N, D)`` at time ``t`` and state ``z`` ``(N, D)``.
+
+        ``t`` is one time for every row (a float or a 1-element tensor, as an ODE solve
+        passes it) or one per row, ``(N,)`` or ``(N, 1)`` (as flow matching regresses it).
+        """
         t = torch.as_tensor(t, dtype=z.dtype, device=z.device)
-        c = t.reshape(1).expand(*z.shape[:-1], 1)
+        rows = tuple(z.shape[:-1])
+        if t.numel() == 1:
+            c = t.reshape(1).expand(*rows, 1)
+        elif tuple(t.shape) in (rows, (*rows, 1)):
+            c = t.reshape(*rows, 1)
+        else:
+            raise ShapeError(
+                f"t must be a scalar or have the batch shape {rows}, got {tuple(t.shape)}"
+            )
         if self.context_features:
             if context is None:
                 raise ContextError(
@@ -229,7 +242,7 @@ class TimeMLP(nn.Module):
                     f"context must have {self.context_features} features, got shape "
                     f"{tuple(context.shape)}"
                 )
-            c = torch.cat([c, context], dim=-1)
+            c = torch.cat([c, context.expand(*rows, self.context_features)], dim=-1)
         h = z
         for i, layer in enumerate(self.layers):
             h = layer(h, c)
@@ -328,24 +341,6 @@ class _StateNorm:
         return v[..., : self.width].square().mean().sqrt()
 
 
-class _LastSolve:
-    """Regularisation terms of the last forward call; not copied or pickled with the module
-    (they hold an autograd graph)."""
-
-    def __init__(self) -> None:
-        self.terms: dict[str, Tensor] = {}
-        self.loss: Tensor | None = None
-
-    def __deepcopy__(self, memo) -> _LastSolve:
-        return _LastSolve()
-
-    def __getstate__(self) -> dict:
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__()
-
-
 class _Augmented:
     """Right-hand side of the augmented ODE ``d/dt [z, ℓ, r] = [f, tr ∂f/∂z, penalties]``.
 
@@ -402,7 +397,7 @@ class _Augmented:
         return out if need_graph else out.detach()
 
 
-class CNF(Transform):
+class CNF(Transform, Regularized):
     """Continuous normalizing flow ``dz/dt = f(t, z, context)`` over ``[0, t1]`` (FFJORD).
 
     ``forward(x) -> (z(t1), ∫ tr ∂f/∂z dt)`` (data -> noise), ``inverse`` solves back from
@@ -426,7 +421,8 @@ class CNF(Transform):
             more solve backwards) instead of back-propagating through the solver.
         regularization: :class:`~exactflow.continuous.RNODE` weights (or a dict of them);
             the terms are integrated with the state in training mode and exposed after each
-            forward call as :attr:`regularization` and :attr:`regularization_loss`.
+            forward call as :attr:`regularization` and :attr:`regularization_loss`, which is
+            also the CNF's ``training_penalty()``: :meth:`exactflow.Flow.training_loss` adds it.
         context_features: size of the context; default ``dynamics.context_features`` or 0.
         features: ``D``, to validate inputs; default ``dynamics.features`` if it exists.
 
@@ -463,7 +459,7 @@ class CNF(Transform):
                 "CNF needs torchdiffeq: pip install 'exactflow[continuous]' (or torchdiffeq)"
             )
         if not isinstance(dynamics, nn.Module):
-            raise TypeError(
+            raise DTypeError(
                 f"dynamics must be an nn.Module f(t, z, context=None), got {type(dynamics).__name__}"
             )
         if trace not in TRACES:
@@ -479,12 +475,12 @@ class CNF(Transform):
             )
         for name, v in (("t1", t1), ("atol", atol), ("rtol", rtol)):
             if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise TypeError(f"{name} must be a float, got {type(v).__name__}")
+                raise DTypeError(f"{name} must be a float, got {type(v).__name__}")
             if not (math.isfinite(v) and v > 0):
                 raise ConfigError(f"{name} must be finite and > 0, got {v}")
         if steps is not None:
             if isinstance(steps, bool) or not isinstance(steps, int):
-                raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+                raise DTypeError(f"steps must be an int, got {type(steps).__name__}")
             if steps < 1:
                 raise ConfigError(f"steps must be >= 1, got {steps}")
             if solver in ADAPTIVE_SOLVERS:
@@ -493,7 +489,7 @@ class CNF(Transform):
                     f"{solver!r} adapts its steps to atol/rtol"
                 )
         if not isinstance(adjoint, bool):
-            raise TypeError(f"adjoint must be a bool, got {type(adjoint).__name__}")
+            raise DTypeError(f"adjoint must be a bool, got {type(adjoint).__name__}")
         if context_features is None:
             context_features = int(getattr(dynamics, "context_features", 0))
         if features is None:
@@ -517,7 +513,7 @@ class CNF(Transform):
         self.features = features
         self.nfe_forward = 0
         self.nfe_backward = 0
-        self._last = _LastSolve()
+        self._record_terms(None)
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def reset_nfe(self) -> None:
@@ -529,18 +525,6 @@ class CNF(Transform):
     def nfe(self) -> dict[str, int]:
         """``{"forward": nfe_forward, "backward": nfe_backward}``."""
         return {"forward": self.nfe_forward, "backward": self.nfe_backward}
-
-    @property
-    def regularization(self) -> dict[str, Tensor]:
-        """Unweighted RNODE terms (batch means, differentiable) of the last forward call;
-        empty when none were computed (eval mode or zero weights)."""
-        return self._last.terms
-
-    @property
-    def regularization_loss(self) -> Tensor | None:
-        """``Σ w_k · term_k`` of the last forward call (None when nothing was computed); add
-        it to the training loss, or use :func:`~exactflow.continuous.regularization_loss`."""
-        return self._last.loss
 
     def trace_mode(self, features: int) -> str:
         """The trace used now: ``"exact"`` or ``"hutchinson"`` (depends on train/eval mode)."""
@@ -631,7 +615,7 @@ class CNF(Transform):
         x, ctx = self._check(x, context)
         batch, d = tuple(x.shape[:-1]), x.shape[-1]
         terms = self.rnode.active if self.training else ()
-        self._last = _LastSolve()
+        self._record_terms(None)
         flat = x.reshape(-1, d)
         if flat.shape[0] == 0:
             return x, x.new_zeros(batch)
@@ -668,7 +652,5 @@ class CNF(Transform):
         ladj = end[:, d].reshape(batch)
         if terms:
             sign = -1.0 if reverse else 1.0  # a reversed solve integrates t1 -> 0
-            values = {n: sign * end[:, d + 1 + k].mean() for k, n in enumerate(terms)}
-            self._last.terms = values
-            self._last.loss = sum(self.rnode.weight(n) * v for n, v in values.items())
+            self._record_terms({n: sign * end[:, d + 1 + k].mean() for k, n in enumerate(terms)})
         return y, ladj

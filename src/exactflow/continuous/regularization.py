@@ -9,16 +9,22 @@ solve, per sample, and averaged over the batch:
 * time smoothness         ``S = ∫_0^T ‖∂f/∂t‖² dt`` (``derivative="partial"``), or the path's
   acceleration ``‖∂f/∂t + (∂f/∂z) f‖²`` (``derivative="total"``)
 
-How a training loop uses them: after ``loss = -flow.log_prob(x).mean()`` in train mode, add
-``regularization_loss(flow)``, the weighted sum ``Σ w_k · term_k`` over every CNF in the model
-(a zero tensor when nothing is regularised), and log ``regularization_terms(flow)``::
+A regularised module (:class:`Regularized`, which the CNF is) declares the weighted sum
+``Σ w_k · term_k`` of its last forward call as its ``training_penalty()``, so
+:meth:`exactflow.Flow.training_loss` -- what :class:`~exactflow.train.Trainer`, the distributed
+trainer and the compiled step all minimise -- is ``NLL + penalty`` with nothing to add by hand.
+A hand-written loop does the same::
 
-    nll = -flow.log_prob(batch).mean()
-    loss = nll + regularization_loss(flow)
+    loss = flow.training_loss(batch)  # -flow.log_prob(batch).mean() + regularization_loss(flow)
     loss.backward()
+    print(regularization_terms(flow))  # the unweighted terms, for logging
 
 The terms are only computed in training mode with a positive weight; evaluation
 (``flow.eval()``) pays nothing for them.
+
+This module sits below :mod:`.cnf` (which imports the weights and the record from here) and
+never imports it: the module walks below find regularised modules by the :class:`Regularized`
+base class.
 """
 
 from __future__ import annotations
@@ -29,10 +35,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DTypeError
 
 __all__ = [
     "RNODE",
+    "Regularized",
     "regularization_loss",
     "regularization_terms",
     "time_derivative",
@@ -62,7 +69,7 @@ class RNODE:
         for name in ("kinetic", "jacobian", "smoothness"):
             w = getattr(self, name)
             if isinstance(w, bool) or not isinstance(w, (int, float)):
-                raise TypeError(f"RNODE.{name} must be a float, got {type(w).__name__}")
+                raise DTypeError(f"RNODE.{name} must be a float, got {type(w).__name__}")
             if not (math.isfinite(w) and w >= 0.0):
                 raise ConfigError(f"RNODE.{name} must be a finite weight >= 0, got {w}")
         if self.derivative not in DERIVATIVES:
@@ -94,7 +101,7 @@ class RNODE:
                     "smoothness, derivative"
                 )
             return cls(**value)
-        raise TypeError(
+        raise DTypeError(
             f"regularization must be an RNODE, a dict or None, got {type(value).__name__}"
         )
 
@@ -131,19 +138,73 @@ def time_derivative(f: Tensor, t: Tensor, z: Tensor, derivative: str, create_gra
     return torch.zeros_like(f) if out is None else out
 
 
-def _cnfs(module: nn.Module):
-    from .cnf import CNF  # a cycle at import time: cnf.py imports RNODE from here
+class _LastSolve:
+    """Regularisation terms of the last forward call; not copied or pickled with the module
+    (they hold an autograd graph)."""
 
+    def __init__(self) -> None:
+        self.terms: dict[str, Tensor] = {}
+        self.loss: Tensor | None = None
+
+    def __deepcopy__(self, memo) -> _LastSolve:
+        return _LastSolve()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+
+class Regularized:
+    """Base of a module whose forward pass integrates RNODE terms (:class:`~.cnf.CNF`).
+
+    The subclass sets :attr:`rnode` (the weights) and calls :meth:`_record_terms` once per
+    forward call. The weighted sum of the recorded terms is the module's
+    :meth:`training_penalty`, the protocol :meth:`exactflow.Flow.training_loss` collects.
+    """
+
+    rnode: RNODE
+    _last: _LastSolve
+
+    def _record_terms(self, values: dict[str, Tensor] | None) -> None:
+        """Replace the record with this forward call's batch-mean terms (None: none computed)."""
+        record = _LastSolve()
+        if values:
+            record.terms = values
+            record.loss = sum(self.rnode.weight(n) * v for n, v in values.items())
+        self._last = record
+
+    @property
+    def regularization(self) -> dict[str, Tensor]:
+        """Unweighted RNODE terms (batch means, differentiable) of the last forward call;
+        empty when none were computed (eval mode or zero weights)."""
+        return self._last.terms
+
+    @property
+    def regularization_loss(self) -> Tensor | None:
+        """``Σ w_k · term_k`` of the last forward call (None when nothing was computed);
+        :meth:`exactflow.Flow.training_loss` adds it to the NLL."""
+        return self._last.loss
+
+    def training_penalty(self) -> Tensor | None:
+        """The penalty this module declares for the training objective: :attr:`regularization_loss`."""
+        return self._last.loss
+
+
+def _regularized(module: nn.Module) -> list[Regularized]:
     if not isinstance(module, nn.Module):
-        raise TypeError(f"expected an nn.Module (a Flow or Transform), got {type(module).__name__}")
-    return [m for m in module.modules() if isinstance(m, CNF)]
+        raise DTypeError(
+            f"expected an nn.Module (a Flow or Transform), got {type(module).__name__}"
+        )
+    return [m for m in module.modules() if isinstance(m, Regularized)]
 
 
 def regularization_loss(module: nn.Module) -> Tensor:
     """Weighted RNODE penalty ``Σ_k w_k · term_k`` of the last forward pass of every CNF in
     ``module``, a differentiable 0-dim tensor (zero when no CNF computed any term)."""
     total = None
-    for cnf in _cnfs(module):
+    for cnf in _regularized(module):
         loss = cnf.regularization_loss
         if loss is not None:
             total = loss if total is None else total + loss
@@ -159,7 +220,7 @@ def regularization_terms(module: nn.Module) -> dict[str, float]:
     """Unweighted RNODE terms of the last forward pass, summed over the model's CNFs, as
     floats for logging (e.g. ``{"kinetic": 3.1, "jacobian": 12.0}``)."""
     out: dict[str, float] = {}
-    for cnf in _cnfs(module):
+    for cnf in _regularized(module):
         for name, value in cnf.regularization.items():
             out[name] = out.get(name, 0.0) + float(value.detach())
     return out

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..continuous import ADAPTIVE_SOLVERS, CNF, FIXED_SOLVERS, TimeMLP
 from ..distributions import BaseDistribution, StandardNormal
-from ..errors import ConfigError, ContextError, ShapeError
+from ..errors import ConfigError, DTypeError, ShapeError
 from ..flow import Flow
 from ..transforms.base import Compose, Transform
 from .pairing import resolve_pairing
@@ -28,43 +28,14 @@ __all__ = ["MatchingFlow", "VelocityMLP", "matching_loss"]
 
 
 class VelocityMLP(TimeMLP):
-    """:class:`~exactflow.continuous.TimeMLP` that also takes one time per row.
+    """The velocity field of flow matching: a :class:`~exactflow.continuous.TimeMLP`.
 
     Flow matching evaluates ``v(t_i, x_i)`` at a different ``t_i`` for every row, while an ODE
-    solve passes one scalar ``t``; both work. Same layers and parameters as ``TimeMLP``.
+    solve passes one scalar ``t``; ``TimeMLP`` takes both, so this class adds nothing but its
+    name (the models and the docs speak of a velocity field). Same layers and parameters.
 
     Shapes: ``t`` scalar or ``(N,)``, ``z`` ``(N, D)``, ``context`` ``(N, C)``; returns ``(N, D)``.
     """
-
-    def forward(self, t: Tensor | float, z: Tensor, context: Tensor | None = None) -> Tensor:
-        """Velocity ``(N, D)`` at times ``t`` (scalar or ``(N,)``) and points ``z`` ``(N, D)``."""
-        t = torch.as_tensor(t, dtype=z.dtype, device=z.device)
-        rows = z.shape[:-1]
-        if t.numel() == 1:
-            c = t.reshape(1).expand(*rows, 1)
-        elif tuple(t.shape) == tuple(rows) or tuple(t.shape) == (*rows, 1):
-            c = t.reshape(*rows, 1)
-        else:
-            raise ShapeError(
-                f"t must be a scalar or have the batch shape {tuple(rows)}, got {tuple(t.shape)}"
-            )
-        if self.context_features:
-            if context is None:
-                raise ContextError(
-                    f"this velocity field needs a context of {self.context_features} features"
-                )
-            if context.shape[-1] != self.context_features:
-                raise ShapeError(
-                    f"context must have {self.context_features} features, got shape "
-                    f"{tuple(context.shape)}"
-                )
-            c = torch.cat([c, context.expand(*rows, self.context_features)], dim=-1)
-        h = z
-        for i, layer in enumerate(self.layers):
-            h = layer(h, c)
-            if i < len(self.layers) - 1:
-                h = self.act(h)
-        return h
 
 
 def matching_loss(
@@ -135,7 +106,7 @@ class MatchingFlow(Flow):
     ):
         super().__init__(transform, base, validate)
         if not isinstance(path, AffinePath):
-            raise TypeError(f"path must be an AffinePath, got {type(path).__name__}")
+            raise DTypeError(f"path must be an AffinePath, got {type(path).__name__}")
         _, cnf = _split(transform)
         if cnf.t1 != 1.0:
             raise ConfigError(f"flow matching integrates over [0, 1]; the CNF has t1={cnf.t1}")
@@ -188,6 +159,10 @@ class MatchingFlow(Flow):
     ) -> Tensor:
         """The flow-matching loss on a data batch ``x`` ``(N, D)`` (a scalar to minimise).
 
+        Overrides :meth:`Flow.training_loss` (the NLL), so every trainer that minimises
+        ``training_loss`` -- :class:`~exactflow.train.Trainer`, its compiled step, the
+        distributed trainer, :func:`~exactflow.matching.fit` -- regresses the velocity instead
+        of solving the ODE; validation stays the exact NLL of :meth:`log_prob`.
         Noise rows are drawn from the base with ``generator`` and paired with the data by
         :attr:`pairing`; pass ``noise`` ``(N, D)`` to use a fixed coupling instead (reflow).
         """
@@ -240,7 +215,7 @@ class MatchingFlow(Flow):
             )
         if steps is not None:
             if isinstance(steps, bool) or not isinstance(steps, int):
-                raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+                raise DTypeError(f"steps must be an int, got {type(steps).__name__}")
             if steps < 1:
                 raise ConfigError(f"steps must be >= 1, got {steps}")
             if solver is None:

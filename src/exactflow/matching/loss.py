@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, ShapeError
+from ..errors import ConfigError, DTypeError, ShapeError
 from .flow import MatchingFlow
 from .paths import LinearPath
 
@@ -67,7 +67,7 @@ def fit(
         A :class:`FitResult`.
     """
     if not isinstance(flow, MatchingFlow):
-        raise TypeError(f"fit needs a MatchingFlow, got {type(flow).__name__}")
+        raise DTypeError(f"fit needs a MatchingFlow, got {type(flow).__name__}")
     steps, batch_size = _positive_int("steps", steps), _positive_int("batch_size", batch_size)
     if not isinstance(data, Tensor) or data.dim() != 2 or data.shape[0] < 1:
         raise ShapeError(f"data must be a non-empty (N, D) tensor, got {data!r:.60}")

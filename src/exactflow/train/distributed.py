@@ -18,10 +18,19 @@ holds the *same global state* and only the work of a step is split:
   (best weights, early stopping).
 * **NaN guard**: the all-reduced loss is non-finite if any rank's is, and a non-finite
   gradient norm on any rank is all-reduced into a flag, so all ranks skip the same steps.
+* **the loss**: every rank minimises the model's own objective,
+  :meth:`~exactflow.Flow.training_loss` (the NLL plus every declared penalty, e.g. RNODE's,
+  or flow matching's regression), the same function the one-process trainer calls. Penalties
+  that are batch means of per-row terms (RNODE's are) therefore combine over ranks exactly
+  like the NLL; with a fixed-step solver and the exact trace a regularised CNF trains as in
+  one process (an adaptive solver picks its steps from each rank's own rows, so it matches
+  up to the solver tolerance).
 * **ActNorm**: the data-dependent initialisation uses the mean and variance of the *global*
-  first batch, all-reduced in two passes (sum -> mean, sum of squared deviations ->
-  variance), so it equals the one-process initialisation up to float rounding. Broadcasting
-  rank 0's initialisation instead would use only ``B / W`` rows and break that equivalence.
+  first batch: each uninitialised layer is initialised by ``ActNorm.initialize(x,
+  reduce=all_reduce)`` from a forward pre-hook on the first step, two all-reduced passes
+  (sum -> mean, sum of squared deviations -> variance), so it equals the one-process
+  initialisation up to float rounding. Broadcasting rank 0's initialisation instead would use
+  only ``B / W`` rows and break that equivalence.
 * **EMA, optimiser, best weights, RNG state** are computed identically on every rank;
   only rank 0 writes files (checkpoints, model, metrics, plots).
 * **checkpoints** hold only global state (no per-rank data position), so a run resumes on
@@ -31,7 +40,7 @@ holds the *same global state* and only the work of a step is split:
 
 Not equal to one process: :class:`~exactflow.transforms.BatchNormFlow` normalises with
 per-rank batch statistics (running averages follow rank 0, broadcast by DDP), and the MMD
-penalty or a model's own ``training_loss`` draw their noise per rank.
+penalty, Hutchinson trace probes and flow matching's times and noise are drawn per rank.
 """
 
 from __future__ import annotations
@@ -39,7 +48,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import types
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -52,7 +60,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import errors
-from ..errors import ConfigError, ExactflowError
+from ..errors import ConfigError, DTypeError, ExactflowError
 from ..flow import Flow
 from ..transforms.normalization import ActNorm
 from .checkpoint import load_checkpoint, parse_checkpoint, read_checkpoint_bytes
@@ -304,7 +312,7 @@ def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
     """
     for name, v in (("n", n), ("rank", rank), ("world_size", world_size)):
         if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+            raise DTypeError(f"{name} must be an int, got {type(v).__name__}")
     if world_size < 1 or not 0 <= rank < world_size or n < 0:
         raise ConfigError(
             f"need n >= 0 and 0 <= rank < world_size, got n={n}, rank={rank}, "
@@ -314,55 +322,37 @@ def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
 
 
 # -- data-dependent initialisation ------------------------------------------------------------
-def _global_actnorm_init(ctx: DistributedContext) -> Callable[[ActNorm, Tensor], None]:
-    @torch.no_grad()
-    def initialize(self: ActNorm, x: Tensor) -> None:
-        # two passes, like a one-process variance, rather than E[x^2] - E[x]^2
-        flat = x.reshape(-1, *self.shape).double()
-        dims = (0, *range(2, flat.dim()))
-        count = flat.new_tensor([flat.numel() / self.shape[0]])
-        sums = ctx.all_reduce(torch.cat([flat.sum(dim=dims), count]))
-        mean = sums[:-1] / sums[-1]
-        dev = flat - mean.reshape(1, *self.param_shape)
-        var = ctx.all_reduce((dev * dev).sum(dim=dims)) / sums[-1]
-        self.shift.copy_(mean.reshape(self.param_shape))
-        self.log_scale.copy_(var.sqrt().clamp_min(self.eps).log().reshape(self.param_shape))
-        self.initialized.fill_(True)
-
-    return initialize
-
-
 @contextmanager
 def synchronized_actnorm_init(
     module: nn.Module, ctx: DistributedContext | None
 ) -> Iterator[list[ActNorm]]:
     """Within the block, uninitialised ActNorm layers of ``module`` initialise on the global batch.
 
-    Every rank must run the same forward passes inside the block. Yields the layers that
-    were patched; their own ``initialize`` is restored on exit.
+    Each pending layer gets a forward pre-hook that calls ``layer.initialize(x,
+    reduce=ctx.all_reduce)`` on its training input before its own forward runs (which then
+    finds it initialised). Every rank must run the same forward passes inside the block.
+    Yields the layers that were hooked; the hooks are removed on exit.
     """
-    pending = [
-        m
-        for m in module.modules()
-        if isinstance(m, ActNorm) and not bool(m.initialized) and "initialize" not in vars(m)
-    ]
+    pending = [m for m in module.modules() if isinstance(m, ActNorm) and not bool(m.initialized)]
     if ctx is None or not pending:
         yield []
         return
-    init = _global_actnorm_init(ctx)
-    for m in pending:
-        # an instance attribute shadows the class method for this layer only
-        object.__setattr__(m, "initialize", types.MethodType(init, m))
+
+    def initialize(layer: nn.Module, args: tuple) -> None:
+        if layer.training and not bool(layer.initialized):
+            layer.initialize(args[0], reduce=ctx.all_reduce)
+
+    handles = [m.register_forward_pre_hook(initialize) for m in pending]
     try:
         yield pending
     finally:
-        for m in pending:
-            object.__delattr__(m, "initialize")
+        for h in handles:
+            h.remove()
 
 
 # -- the trainer ------------------------------------------------------------------------------
 class _ShardObjective(nn.Module):
-    """What DDP wraps: this rank's mean training loss and MMD penalty on its shard."""
+    """What DDP wraps: this rank's ``flow.training_loss`` and MMD penalty on its shard."""
 
     def __init__(self, flow: Flow, config: TrainConfig):
         super().__init__()
@@ -374,11 +364,8 @@ class _ShardObjective(nn.Module):
         self.sample_generator: torch.Generator | None = None
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        custom = getattr(self.flow, "training_loss", None)
-        if callable(custom):
-            mean = custom(x, generator=self.data_generator)
-        else:
-            mean = -self.flow.log_prob(x).mean()
+        # the one-process trainer's objective, so declared penalties (RNODE) are never lost
+        mean = self.flow.training_loss(x, generator=self.data_generator)
         if self.mmd_weight > 0:
             samples = self.flow.rsample(self.mmd_samples, generator=self.sample_generator)
             penalty = mmd2_rbf(samples, x, self.mmd_bandwidths)

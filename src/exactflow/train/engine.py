@@ -1,7 +1,9 @@
 """The training engine: maximum likelihood with the safety rails users expect.
 
-:class:`Trainer` minimises the mean negative log-likelihood ``-log p(x)`` of a
-:class:`~exactflow.Flow` on a tensor of training rows, with
+:class:`Trainer` minimises a :class:`~exactflow.Flow`'s training objective,
+:meth:`~exactflow.Flow.training_loss` (the mean negative log-likelihood ``-log p(x)`` plus any
+penalty the model declares, such as RNODE's; flow matching's regression for those models), on
+a tensor of training rows, with
 
 * Adam/AdamW, linear warm-up then cosine decay, gradient-norm clipping;
 * an exponential moving average (EMA) of the weights for evaluation;
@@ -227,12 +229,14 @@ class Trainer:
             (dequantisation, reshaping); identity by default.
         checkpoint: path of the resumable checkpoint file, or ``None``.
         meta: extra JSON-ready metadata stored in every checkpoint.
-        compile: run the negative log-likelihood (forward and backward) through
-            ``torch.compile(dynamic=False)``. The first step compiles (tens of seconds to
+        compile: run the model's objective, ``flow.training_loss`` (forward and backward),
+            through ``torch.compile(dynamic=False)``, so what is compiled is what the eager
+            and the distributed steps train. The first step compiles (tens of seconds to
             minutes on a small CPU) and every new batch shape recompiles; afterwards an
             NSF step is ~1.8x faster on one CPU thread, affine MAF/RealNVP gain little.
-            Only the maximum-likelihood loss is compiled (not ``training_loss`` models,
-            RNODE penalties or the MMD term). Validation and checkpoints are unchanged.
+            The MMD term stays eager; validation and checkpoints are unchanged. A CNF's
+            trace is a double backward, which torch.compile's autograd does not support,
+            so leave ``compile`` off for continuous flows trained by likelihood.
     """
 
     def __init__(
@@ -248,7 +252,7 @@ class Trainer:
         compile: bool = False,
     ):
         if not isinstance(compile, bool):
-            raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
+            raise DTypeError(f"compile must be a bool, got {type(compile).__name__}")
         if not isinstance(flow, Flow):
             raise DTypeError(f"Trainer needs an exactflow Flow, got {type(flow).__name__}")
         for name, data in (("train", train), ("val", val)):
@@ -261,17 +265,15 @@ class Trainer:
         self.config = config or TrainConfig()
         self.device = self._select_device(self.config.device)
         self.flow = flow.to(self.device)
-        from ..continuous.cnf import CNF
-
-        # RNODE penalties (kinetic, Jacobian, smoothness) live on CNF modules; look once
-        self._regularized = any(isinstance(m, CNF) for m in self.flow.modules())
         self.train_data = train.detach().cpu()
         self.val_data = None if val is None else val.detach().cpu()
         self.batch_fn = batch_fn or (lambda x, g: x)
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         self.meta = dict(meta or {})
         # compiled lazily by torch.compile on the first call; the eager path is the default
-        self._nll_fn = torch.compile(self._nll, dynamic=False) if compile else self._nll
+        self._loss_fn = (
+            torch.compile(self._model_loss, dynamic=False) if compile else self._model_loss
+        )
         c = self.config
         params = [p for p in flow.parameters() if p.requires_grad]
         if not params:
@@ -384,26 +386,21 @@ class Trainer:
 
     # -- one step ------------------------------------------------------------------------------
     def _loss(self, x: Tensor) -> Tensor:
-        # a model trained by another objective (flow matching regresses a velocity field)
-        # supplies it as training_loss(x, generator=...); validation stays the exact NLL
-        custom = getattr(self.flow, "training_loss", None)
-        if callable(custom):
-            loss = custom(x, generator=self.generator)
-        else:
-            loss = self._nll_fn(x)
-            if self._regularized:
-                from ..continuous.regularization import regularization_loss
-
-                loss = loss + regularization_loss(self.flow)
+        """The step's loss: the model's objective, plus the MMD penalty when configured."""
+        loss = self._loss_fn(x)
         c = self.config
         if c.mmd_weight > 0:
             samples = self.flow.rsample(c.mmd_samples, generator=self.sample_generator)
             loss = loss + c.mmd_weight * mmd2_rbf(samples, x, c.mmd_bandwidths or None)
         return loss
 
-    def _nll(self, x: Tensor) -> Tensor:
-        """Mean negative log-likelihood of the batch ``x`` (the function ``compile`` wraps)."""
-        return -self.flow.log_prob(x).mean()
+    def _model_loss(self, x: Tensor) -> Tensor:
+        """``flow.training_loss`` of the batch ``x`` (the function ``compile`` wraps).
+
+        The model owns its objective (NLL plus declared penalties, or flow matching's
+        regression), so the engine stays model-agnostic; validation is always the exact NLL.
+        """
+        return self.flow.training_loss(x, generator=self.generator)
 
     def _set_lr(self) -> None:
         c = self.config

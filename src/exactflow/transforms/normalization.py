@@ -6,10 +6,12 @@ of log-scales in O(D).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
-from ..errors import ShapeError
+from ..errors import DTypeError, ShapeError
 from .base import Transform
 
 __all__ = ["ActNorm", "BatchNormFlow"]
@@ -81,9 +83,35 @@ class ActNorm(_PerChannel):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
     @torch.no_grad()
-    def initialize(self, x: Tensor) -> None:
-        """Set ``shift``/``log_scale`` so that ``x`` maps to zero mean, unit variance."""
-        mean, var = self._flat_stats(x)
+    def initialize(self, x: Tensor, reduce: Callable[[Tensor], Tensor] | None = None) -> None:
+        """Set ``shift``/``log_scale`` so that ``x`` maps to zero mean, unit variance.
+
+        Args:
+            x: ``(*batch, *shape)`` the initialisation batch.
+            reduce: ``None`` (statistics of ``x`` alone), or a function returning the sum of
+                a tensor over the processes of a data-parallel run (an all-reduce, e.g.
+                :meth:`~exactflow.train.distributed.DistributedContext.all_reduce`): then the
+                statistics are those of the union of every process's ``x``, in float64 and
+                two passes (sums -> mean, squared deviations -> variance), so every process
+                gets the parameters one process would from the whole batch.
+        """
+        if reduce is None:
+            mean, var = self._flat_stats(x)
+        else:
+            if not callable(reduce):
+                raise DTypeError(
+                    f"reduce must be a callable Tensor -> Tensor (an all-reduce sum) or None, "
+                    f"got {type(reduce).__name__}"
+                )
+            self._check(x)
+            flat = x.reshape(-1, *self.shape).double()
+            dims = (0, *range(2, flat.dim()))
+            count = flat.new_tensor([flat.numel() / self.shape[0]])
+            sums = reduce(torch.cat([flat.sum(dim=dims), count]))
+            mean = (sums[:-1] / sums[-1]).reshape(self.param_shape)
+            # two passes, like a one-process variance, rather than E[x^2] - E[x]^2
+            dev = flat - mean.unsqueeze(0)
+            var = (reduce((dev * dev).sum(dim=dims)) / sums[-1]).reshape(self.param_shape)
         self.shift.copy_(mean)
         self.log_scale.copy_(var.sqrt().clamp_min(self.eps).log())
         self.initialized.fill_(True)
