@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import re
 import shutil
@@ -61,6 +62,19 @@ checkpoint_every = 0
 progress = false
 """
 
+# Run files a builder cannot build (issue 20): one line naming the key, nothing written.
+BAD_MODEL_ARGS = {
+    "hidden_zero.toml": 'model = "realnvp"\n[model_args]\nhidden = [0]\n',
+    "hidden_empty.toml": 'model = "nsf"\n[model_args]\nhidden = []\n',
+    "spline_bogus.toml": 'model = "nsf"\n[model_args]\nspline = "bogus"\n',
+}
+
+
+def _start(config: str) -> None:
+    """Start a run from ``config`` on train.csv into ``new`` (it must fail before training)."""
+    cfg = RunConfig.read(config)
+    train_run(cfg, "new", plots=False, quiet=True)
+
 
 def _vector_flow(context: int = 0):
     torch.manual_seed(0)
@@ -85,6 +99,11 @@ def make_workdir(root: Path) -> None:
     (root / "binary.csv").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
     (root / "bad_key.toml").write_text('model = "realnvp"\n[train]\nstepz = 3\n')
     (root / "tiny.toml").write_text(TINY_RUN)
+    for name, text in BAD_MODEL_ARGS.items():
+        (root / name).write_text('data = "train.csv"\n' + text + "[train]\nsteps = 2\n")
+    (root / "no_test_split.toml").write_text(
+        'data = "train.csv"\nmodel = "realnvp"\n[data_args]\ntest = 0.0\n'
+    )
     (root / "pickled").mkdir()
     torch.save({"w": torch.zeros(2)}, root / "pickled" / "model.safetensors")
     cwd = os.getcwd()
@@ -99,6 +118,14 @@ def make_workdir(root: Path) -> None:
     tensors, meta = load_checkpoint(root / "other" / "model.safetensors")
     meta["run"]["model_args"]["transforms"] = 3
     save_checkpoint(root / "other" / "model.safetensors", tensors, meta)
+    # weights that are all NaN, and a model file whose metadata lost its run configuration
+    tensors, meta = load_checkpoint(root / "run" / "model.safetensors")
+    shutil.copytree(root / "run", root / "nan_weights")
+    nan = {k: v * math.nan if v.is_floating_point() else v for k, v in tensors.items()}
+    save_checkpoint(root / "nan_weights" / "model.safetensors", nan, meta)
+    shutil.copytree(root / "run", root / "no_run")
+    lost = {k: v for k, v in meta.items() if k != "run"}
+    save_checkpoint(root / "no_run" / "model.safetensors", tensors, lost)
 
 
 @dataclass(frozen=True)
@@ -286,6 +313,69 @@ ROWS: list[Row] = [
         ("refused and never executed",),
     ),
     Row(
+        "checkpoint-nan-weights",
+        "a model file whose weights are NaN (`--allow-nonfinite` loads it anyway)",
+        lambda: load_run("nan_weights"),
+        DataError,
+        ("nan_weights/model.safetensors", "hold NaN or inf", "allow_nonfinite=True"),
+        ("eval", "nan_weights"),
+        ("hold NaN or inf", "--allow-nonfinite"),
+    ),
+    Row(
+        "checkpoint-no-run",
+        'a model file whose metadata has no `"run"` entry',
+        lambda: load_run("no_run"),
+        DataError,
+        ("no_run/model.safetensors", "no 'run' entry"),
+        ("sample", "no_run", "--out", "s.npy"),
+        ("no 'run' entry",),
+    ),
+    Row(
+        "seed-negative",
+        "a negative seed",
+        lambda: RunConfig.from_dict({"seed": -1}),
+        ConfigError,
+        ("seed must be an int in [0, 2**63 - 1], got -1",),
+        ("train", "--data", "train.csv", "--seed", "-1", "--out", "new"),
+        ("--seed must be an int in [0, 2**63 - 1], got -1",),
+    ),
+    Row(
+        "split-empty",
+        "`[data_args] test = 0.0`: no test rows",
+        lambda: _start("no_test_split.toml"),
+        ConfigError,
+        ("[data_args] test = 0", "every split needs at least one row"),
+        ("train", "--config", "no_test_split.toml", "--out", "new"),
+        ("[data_args] test = 0",),
+    ),
+    Row(
+        "model-args-hidden-zero",
+        "`[model_args] hidden = [0]` in a run file",
+        lambda: _start("hidden_zero.toml"),
+        ConfigError,
+        ("model 'realnvp'", "[model_args] hidden = [0]"),
+        ("train", "--config", "hidden_zero.toml", "--out", "new"),
+        ("[model_args] hidden = [0]",),
+    ),
+    Row(
+        "model-args-hidden-empty",
+        "`[model_args] hidden = []` for an autoregressive NSF",
+        lambda: _start("hidden_empty.toml"),
+        ConfigError,
+        ("model 'nsf'", "[model_args] hidden = []"),
+        ("train", "--config", "hidden_empty.toml", "--out", "new"),
+        ("[model_args] hidden = []",),
+    ),
+    Row(
+        "model-args-bad-map",
+        '`[model_args] spline = "bogus"`',
+        lambda: _start("spline_bogus.toml"),
+        ConfigError,
+        ("model 'nsf'", "spline"),
+        ("train", "--config", "spline_bogus.toml", "--out", "new"),
+        ("spline",),
+    ),
+    Row(
         "config-unknown-key",
         "a misspelt option in a TOML run file",
         lambda: RunConfig.read("bad_key.toml"),
@@ -338,8 +428,11 @@ def test_bad_input_row(row: Row, workdir: Path, monkeypatch):
         assert lines[0].startswith(f"exactflow {row.cli[0]}: error: "), lines[0]
         for w in row.cli_words:
             assert w in lines[0], lines[0]
-        # the run directory may have been created, but nothing is written into it
-        assert not any((workdir / "new").glob("*")), "a failed command left output files"
+        # a failed start leaves no run directory (docs/training.md)
+        assert not (workdir / "new").exists(), "a failed command left an output directory"
+    if row.cli is None or row.cli[0] != "train":
+        return
+    assert not list(workdir.glob(".new.*.tmp")), "a failed start left a temporary directory"
 
 
 def _cell(text: str) -> str:

@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 from torch.autograd.functional import jacobian
 
-from .errors import CheckFailed
+from .errors import CheckFailed, ShapeError
 from .transforms.base import Transform
+from .validation import as_tensor
 
 __all__ = ["CheckReport", "FlowReport", "check_flow", "check_transform", "sample_domain"]
 
@@ -113,15 +114,28 @@ def check_transform(
         raise TypeError(f"check_transform needs a Transform, got {type(transform).__name__}")
     t = copy.deepcopy(transform).to(dtype)
     k = t.event_dim
+    x = as_tensor(x, "x", dtype).detach().to(dtype)  # lists and NumPy arrays are accepted
     event = tuple(x.shape[x.dim() - k :]) if k else ()
-    x = x.detach().to(dtype).reshape(-1, *event)
+    x = x.reshape(-1, *event)
     if context is not None:
-        context = context.detach().to(dtype).reshape(x.shape[0], -1)
+        context = as_tensor(context, "context", dtype).detach().to(dtype)
+        if context.numel() % max(x.shape[0], 1):
+            raise ShapeError(
+                f"context of shape {tuple(context.shape)} does not give one row per input "
+                f"(batch {x.shape[0]})"
+            )
+        context = context.reshape(x.shape[0], -1)
     report = CheckReport()
 
     was_training = t.training
     with torch.no_grad():
-        t(x, context)  # data-dependent initialisation, if any
+        try:
+            t(x, context)  # data-dependent initialisation, if any
+        except RuntimeError as err:  # e.g. a matmul refusing an input of the wrong width
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ShapeError(
+                f"{type(transform).__name__} cannot take x of shape {tuple(x.shape)} ({first})"
+            ) from err
     t.eval()
     with torch.no_grad():
         z, ladj_f = t(x, context)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 from typing import Protocol, runtime_checkable
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, constraints
@@ -16,16 +15,13 @@ from torch.distributions import Distribution, constraints
 from .distributions import BaseDistribution, ConditionalGaussian, DiagGaussian, StandardNormal
 from .errors import ConfigError, ContextError, DomainError, DTypeError, ShapeError
 from .transforms.base import Transform
+from .validation import as_tensor, check_positive_finite, check_sample_shape
 
 __all__ = ["DeclaresPenalty", "Flow", "FlowDistribution", "declared_penalty"]
 
 
 def _temperature(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"temperature must be a float, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
-    return float(value)
+    return check_positive_finite(value, "temperature")
 
 
 def _shape_str(shape) -> str:
@@ -114,13 +110,8 @@ class Flow(nn.Module):
 
     # -- validation ---------------------------------------------------------------------------
     def _as_input(self, x, name: str = "x") -> Tensor:
-        if not isinstance(x, Tensor):
-            if isinstance(x, (int, float, list, tuple, np.ndarray, np.generic)):
-                x = torch.as_tensor(np.asarray(x, dtype=np.float64)).to(
-                    device=self.device, dtype=self.dtype
-                )
-            else:
-                raise DTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not isinstance(x, Tensor):  # lists and NumPy arrays take the flow's dtype
+            x = as_tensor(x, name, self.dtype).to(self.device)
         if not self.validate:
             return x
         if not x.is_floating_point():
@@ -181,7 +172,7 @@ class Flow(nn.Module):
 
     def _as_context(self, context) -> Tensor:
         if not isinstance(context, Tensor):
-            context = torch.as_tensor(np.asarray(context, dtype=np.float64)).to(self.dtype)
+            context = as_tensor(context, "context", self.dtype).to(self.device)
         c = self.context_features
         if context.dim() < 1 or context.shape[-1] != c:
             raise ShapeError(
@@ -241,7 +232,7 @@ class Flow(nn.Module):
         return loss if penalty is None else loss + penalty
 
     def _sample_setup(self, n, context) -> tuple[tuple[int, ...], Tensor | None]:
-        shape = (int(n),) if isinstance(n, (int, np.integer)) else tuple(int(s) for s in n)
+        shape = check_sample_shape(n)
         if any(s < 1 for s in shape):
             raise ShapeError(f"number of samples must be >= 1, got {_shape_str(shape)}")
         if context is None:
@@ -358,7 +349,7 @@ class FlowDistribution(Distribution):
         return self.flow.log_prob(value, self.context)
 
     def rsample(self, sample_shape=()) -> Tensor:
-        shape = tuple(sample_shape)
+        shape = check_sample_shape(sample_shape, "sample_shape")
         n = math.prod(shape)
         x = self.flow.rsample(n, self.context)
         return x.reshape(*shape, *x.shape[1:])

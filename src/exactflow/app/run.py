@@ -16,6 +16,7 @@ logit) as its first transform, so every NLL is in the original data space.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
@@ -237,18 +238,18 @@ def _create_out(out: Path, config_text: str | None, force: bool) -> None:
             atomic_write_text(out / "config.toml", config_text)
         return
     parent = out.parent
+    made = next((p for p in reversed(out.parents) if not p.exists()), None)
+    tmp = None
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            tmp = parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
-            try:
-                tmp.mkdir()  # not tempfile.mkdtemp: its mode 0o700 would ignore the umask
-                break
-            except FileExistsError:
-                continue
-    except OSError as err:
-        raise _renamed(err, out) from err
-    try:
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            while tmp is None:
+                candidate = parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
+                with contextlib.suppress(FileExistsError):
+                    candidate.mkdir()  # not tempfile.mkdtemp: its mode 0o700 ignores the umask
+                    tmp = candidate
+        except OSError as err:
+            raise _renamed(err, out) from err
         if config_text is not None:
             try:
                 atomic_write_text(tmp / "config.toml", config_text)
@@ -259,8 +260,24 @@ def _create_out(out: Path, config_text: str | None, force: bool) -> None:
         except OSError as err:
             raise _renamed(err, out) from err
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(parent, made)
         raise
+
+
+def _remove_empty(directory: Path, top: Path | None) -> None:
+    """Remove ``directory`` and its parents up to ``top`` (folders made for a run that then
+    failed to start), stopping at the first that is not empty."""
+    if top is None:
+        return
+    for p in [directory, *directory.parents]:
+        try:
+            p.rmdir()
+        except OSError:
+            return
+        if p == top:
+            return
 
 
 def _seeded_build(cfg: RunConfig, dataset: Dataset) -> tuple[Flow, tuple[int, ...]]:
@@ -282,15 +299,22 @@ def build_checked(
     Builders raise what their arguments deserve (``ValueError`` for ``hidden = [0]``, a
     ``ConfigError`` for an unknown map); a run file's reader needs one line saying which
     key to change. The key is found by rebuilding without each key in turn (only on
-    failure): the one whose removal lets the model build is named.
+    failure): the one whose removal lets the model build is named. Warnings of the build
+    (a deprecated option name) are shown only when it succeeds.
     """
     resolve_model(model)  # an unknown model name is its own, already clear, error
     if not isinstance(model_args, dict):
         raise ConfigError(f"[model_args] must be a table, got {model_args!r}")
-    try:
-        return build_flow(model, model_args, data_meta, dataset)
-    except Exception as err:
-        raise _build_error(model, model_args, data_meta, err) from err
+    # after a failure the one error line says what to change; warnings would only add lines
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            built = build_flow(model, model_args, data_meta, dataset)
+        except Exception as err:
+            raise _build_error(model, model_args, data_meta, err) from err
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return built
 
 
 def _first_line(err: BaseException) -> str:
@@ -323,10 +347,14 @@ def _build_error(
         where = f"[model_args] {{{shown}}}"
     else:
         where = f"the defaults, data shape {tuple(data_meta.get('shape', ()))}"
-    return ConfigError(f"model {model!r} cannot be built from {where}: {_first_line(err)}")
+    reason = _first_line(err).removeprefix(f"model {model!r}: ")  # build_flow's own prefix
+    return ConfigError(f"model {model!r} cannot be built from {where}: {reason}")
 
 
 def _toml_value(value: Any) -> str:
+    """``value`` as the user wrote it in the run file (TOML, inline tables included)."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
     try:
         return dump_toml({"v": value}).strip()[len("v = ") :]
     except ConfigError:

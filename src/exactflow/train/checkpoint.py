@@ -188,9 +188,9 @@ def _json_type(value: Any) -> str:
 def check_finite_tensors(tensors: dict[str, Tensor], path: str | Path) -> None:
     """:class:`DataError` naming the first floating tensor of ``tensors`` with NaN or inf
     (and how many there are); ``path`` names the source."""
-    bad = [
+    bad = [  # sorted: the safetensors reader's order is not stable, the message must be
         k
-        for k, v in tensors.items()
+        for k, v in sorted(tensors.items())
         if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())
     ]
     if bad:
