@@ -293,8 +293,9 @@ class Flow(nn.Module):
     ) -> Tensor:
         """Samples without gradient, shape ``(n, *context_batch, *event_shape)``.
 
-        ``n`` may be an int or a shape tuple; ``context`` of shape ``(*cb, C)`` gives ``n``
-        samples per context row; ``temperature`` as in :meth:`rsample`.
+        ``n`` may be an int (a NumPy integer or a 0-dim integer tensor counts; bools, floats
+        and strings are refused with a ``DTypeError``) or a shape tuple; ``context`` of shape
+        ``(*cb, C)`` gives ``n`` samples per context row; ``temperature`` as in :meth:`rsample`.
         """
         with torch.no_grad():
             return self.rsample(n, context, generator, temperature)
