@@ -1,3 +1,5 @@
+# Helpers shared by the test modules (e.g. ``perturb``, which moves a layer off its identity
+# initialisation reproducibly) live in tests/helpers.py: ``from helpers import perturb``.
 import os
 
 import pytest

@@ -10,13 +10,7 @@ from torch.autograd.functional import jacobian
 import exactflow as ef
 from exactflow.errors import ShapeError
 from exactflow.transforms import Autoregressive, Inverse
-
-
-def _perturb(module, std=0.3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(std * torch.randn(p.shape, generator=g, dtype=p.dtype))
+from helpers import perturb
 
 
 def test_identity_at_init():
@@ -30,7 +24,7 @@ def test_identity_at_init():
 def test_jacobian_is_triangular_in_the_order(order):
     d = 5
     layer = Autoregressive("affine", d, (32,), order=order, activation="tanh").double()
-    _perturb(layer)
+    perturb(layer)
     x = torch.randn(1, d, dtype=torch.float64)
     _, ladj = layer(x)
     jac = jacobian(lambda v: layer(v.unsqueeze(0))[0].squeeze(0), x[0])
@@ -53,7 +47,7 @@ def test_maf_sampling_and_iaf_density_agree_with_fast_directions(context):
         flow = model(d, transforms=3, hidden=(32, 32), context=context)
         # std 0.1 on every weight moves the flow far from the identity (log-scales O(1))
         # while keeping it well conditioned enough for a float32 round trip
-        _perturb(flow, 0.1)
+        perturb(flow, 0.1)
         # generative direction (D passes for MAF, one pass for IAF) ...
         x, log_p = flow.sample_and_log_prob(n, c, generator=g) if not context else (None, None)
         if context:
@@ -80,7 +74,7 @@ def test_gradients_through_the_sequential_inverse():
     """The D-pass inverse differentiates correctly: gradcheck w.r.t. the input, and a
     central finite difference w.r.t. one MADE weight (float64)."""
     layer = Autoregressive("affine", 3, (8,), context_features=1, activation="tanh").double()
-    _perturb(layer)
+    perturb(layer)
     z = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     c = torch.randn(2, 1, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda z_: layer.inverse(z_, c), (z,))
@@ -105,7 +99,7 @@ def test_gradients_through_the_sequential_inverse():
 
 def test_iaf_layer_is_inverse_of_autoregressive():
     layer = Autoregressive("affine", 4, (16,))
-    _perturb(layer)
+    perturb(layer)
     iaf = Inverse(layer)
     x = torch.randn(6, 4)
     z_fast, l_fast = layer.inverse(x)  # IAF sampling direction: D passes here ...
@@ -116,7 +110,7 @@ def test_iaf_layer_is_inverse_of_autoregressive():
 def test_spline_map_by_name():
     pytest.importorskip("exactflow.transforms.splines")
     layer = Autoregressive("rq-spline", 4, (16,), map_kwargs={"bins": 6, "bound": 4.0}).double()
-    _perturb(layer)
+    perturb(layer)
     x = 2.0 * torch.randn(32, 4, dtype=torch.float64)
     z, ladj = layer(x)
     x_rec, ladj_inv = layer.inverse(z)

@@ -13,6 +13,7 @@ import torch
 from exactflow.check import check_transform, sample_domain
 from exactflow.testing import CASES, Case
 from exactflow.transforms import Inverse
+from helpers import perturb
 
 BATCH = 7
 CONTEXT = 3
@@ -34,12 +35,7 @@ PARAMS = [p for c in CASES for p in _params(c)]
 
 def build(case: Case, shape, ctx: int, seed: int = 0, dtype=torch.float64):
     torch.manual_seed(seed)
-    t = case.build(shape, ctx).to(dtype)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in t.parameters():
-            p.add_(case.perturb * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return t
+    return perturb(case.build(shape, ctx).to(dtype), case.perturb, seed + 1)
 
 
 def inputs(case: Case, shape, ctx: int, dtype=torch.float64, batch=BATCH, seed=2):

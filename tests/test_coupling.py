@@ -17,13 +17,7 @@ from exactflow.transforms import (
     checkerboard_mask,
     half_mask,
 )
-
-
-def _perturb(module, std=0.5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(std * torch.randn(p.shape, generator=g, dtype=p.dtype))
+from helpers import perturb
 
 
 def test_masks():
@@ -58,7 +52,7 @@ def test_passthrough_exact_and_logdet_is_sum_of_elementwise_terms():
     torch.manual_seed(0)
     mask = alternating_mask(5)
     layer = Coupling("affine", mask, (16,)).double()
-    _perturb(layer)
+    perturb(layer, 0.5)
     x = torch.randn(4, 5, dtype=torch.float64)
     z, ladj = layer(x)
     assert torch.equal(z[:, mask], x[:, mask])
@@ -88,7 +82,7 @@ def test_log_scale_is_bounded_so_deep_stacks_stay_finite():
 
 def test_context_only_one_dimensional_coupling():
     layer = Coupling("affine", torch.zeros(1, dtype=torch.bool), (8,), context_features=2)
-    _perturb(layer)
+    perturb(layer, 0.5)
     x, c = torch.randn(6, 1), torch.randn(6, 2)
     z1, l1 = layer(x, c)
     z2, _ = layer(x, c + 1.0)
@@ -103,7 +97,7 @@ def test_context_only_one_dimensional_coupling():
 )
 def test_image_shaped_events_round_trip(mask):
     layer = Coupling("affine", mask, (16,)).double()
-    _perturb(layer, 0.3)
+    perturb(layer, 0.3)
     x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
     z, ladj = layer(x)
     assert z.shape == x.shape and ladj.shape == (3,)
@@ -122,7 +116,7 @@ def test_custom_conditioner():
         conditioner=lambda n_in, n_out, ctx: ResidualMLP(n_in, n_out, 16, 1, context=ctx),
     )
     assert isinstance(layer.net, ResidualMLP)
-    _perturb(layer, 0.3)
+    perturb(layer, 0.3)
     x = torch.randn(5, 6)
     z, _ = layer(x)
     torch.testing.assert_close(layer.inverse(z)[0], x, atol=1e-5, rtol=0)
@@ -134,7 +128,7 @@ def test_spline_maps_by_name():
         # float64: this checks the wiring; float32 accuracy of the maps is splines.py's test
         kwargs = {"bins": 5, "bound": 3.0}
         layer = Coupling(name, alternating_mask(4), (16,), map_kwargs=kwargs).double()
-        _perturb(layer, 0.3)
+        perturb(layer, 0.3)
         x = 2.0 * torch.randn(64, 4, dtype=torch.float64)  # inside and outside the box
         z, ladj = layer(x)
         assert not torch.allclose(z, x)

@@ -12,6 +12,7 @@ import torch
 import exactflow as ef
 from exactflow.errors import ConfigError
 from exactflow.transforms import AffineMap, Compose, ElementwiseTransform, Linear, LULinear, Radial
+from helpers import perturb
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -187,13 +188,6 @@ def test_model_zoo_onnx_parity(name, what, tmp_path):
 # -- continuous flows: the unrolled solve and the analytic trace ----------------------------------
 
 
-def _perturbed(module: torch.nn.Module, scale: float = 0.5) -> torch.nn.Module:
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return module
-
-
 @pytest.mark.parametrize("time_mode", ["gate", "concat"])
 @pytest.mark.parametrize("context", [0, 2])
 def test_fixed_step_cnf_matches_torchdiffeq_in_float64(time_mode, context):
@@ -206,7 +200,7 @@ def test_fixed_step_cnf_matches_torchdiffeq_in_float64(time_mode, context):
     torch.manual_seed(0)
     for solver in FixedStepCNF.SOLVERS:
         for act, cls in zip(("tanh", "softplus", "silu", "elu"), (TimeMLP, VelocityMLP) * 2):
-            dyn = _perturbed(cls(3, (8, 8), context, time=time_mode, activation=act))
+            dyn = perturb(cls(3, (8, 8), context, time=time_mode, activation=act), 0.5)
             cnf = CNF(dyn, solver=solver, steps=3, t1=0.7).double().eval()
             frozen = export_form(cnf)
             assert isinstance(frozen, FixedStepCNF) and frozen.solver == solver
@@ -223,13 +217,13 @@ def test_analytic_trace_matches_autograd_jacobian():
     from exactflow.continuous import TimeMLP
 
     torch.manual_seed(1)
-    dyn = _perturbed(TimeMLP(4, (16, 8, 16), 3, time="gate", activation="softplus")).double()
+    dyn = perturb(TimeMLP(4, (16, 8, 16), 3, time="gate", activation="softplus"), 0.5).double()
     z, c = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
     f, trace = dyn.forward_with_trace(0.3, z, c)
     jac = torch.autograd.functional.jacobian(lambda v: dyn(0.3, v, c).sum(0), z)  # (D, N, D)
     torch.testing.assert_close(f, dyn(0.3, z, c))
     torch.testing.assert_close(trace, torch.diagonal(jac, dim1=0, dim2=2).sum(-1))
-    linear = _perturbed(TimeMLP(3, (), time="concat")).double()  # no hidden layer
+    linear = perturb(TimeMLP(3, (), time="concat"), 0.5).double()  # no hidden layer
     z = torch.randn(4, 3, dtype=torch.float64)
     trace = linear.forward_with_trace(0.5, z, None)[1]
     expected = linear.layers[0].linear.weight[:, :3].diagonal().sum()

@@ -17,21 +17,14 @@ from exactflow.export import export_form
 from exactflow.models import MODELS, Glow, RealNVPImage
 from exactflow.models.image import pixel_flow
 from exactflow.transforms.image import FactorOut, LearnedPrior
-
-
-def _perturb(module, scale=0.1, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return module
+from helpers import perturb
 
 
 def _initialised(flow, x):
     """Run ActNorm's data-dependent init on ``x``, perturb, and switch to eval mode."""
     with torch.no_grad():
         flow.log_prob(x)
-    _perturb(flow)
+    perturb(flow, 0.1)
     return flow.eval()
 
 
@@ -109,7 +102,7 @@ def test_realnvp_image_certified_and_conditional():
     c = torch.randn(4, 3, dtype=torch.float64)
     with torch.no_grad():
         flow.log_prob(x, c)
-    _perturb(flow).eval()
+    perturb(flow, 0.1).eval()
     report = check_transform(flow.transform, x, c, jacobian_samples=1)
     assert report.passed, str(report)
     assert not torch.allclose(flow.log_prob(x, c), flow.log_prob(x, c + 1.0))
@@ -161,7 +154,7 @@ def test_class_conditional_glow():
     labels = torch.nn.functional.one_hot(torch.arange(6) % 10, 10).float()
     with torch.no_grad():
         flow.log_prob(x, labels)
-    _perturb(flow).eval()
+    perturb(flow, 0.1).eval()
     lp = flow.log_prob(x, labels)
     other = torch.nn.functional.one_hot((torch.arange(6) + 1) % 10, 10).float()
     assert not torch.allclose(lp, flow.log_prob(x, other))

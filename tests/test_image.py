@@ -24,16 +24,9 @@ from exactflow.transforms.image import (
     Squeeze,
     Unsqueeze,
 )
+from helpers import perturb
 
 LOG_2PI = math.log(2 * math.pi)
-
-
-def _perturb(module, scale=0.3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return module
 
 
 def test_image_transforms_are_registered():
@@ -81,7 +74,7 @@ def test_squeeze_bad_shapes():
 @pytest.mark.parametrize("lu", [True, False])
 def test_invconv_logdet_closed_form(lu):
     torch.manual_seed(0)
-    conv = _perturb(InvConv1x1(5, lu=lu).double())
+    conv = perturb(InvConv1x1(5, lu=lu).double())
     w = conv.matrix()
     x = torch.randn(3, 5, 4, 6, dtype=torch.float64)
     z, ladj = conv(x)
@@ -101,7 +94,7 @@ def test_invconv_starts_as_rotation_and_exports():
     conv = InvConv1x1(4, lu=True, seed=3)
     w = conv.matrix()
     torch.testing.assert_close(w @ w.T, torch.eye(4), atol=1e-5, rtol=0)
-    _perturb(conv)
+    perturb(conv)
     frozen = export_form(conv)
     assert isinstance(frozen, FrozenConv1x1)
     x = torch.randn(2, 4, 3, 3)
@@ -131,7 +124,7 @@ def test_conv_coupling_identity_at_init_and_mask(mask):
     x = torch.randn(3, 4, 6, 6)
     z, ladj = layer(x)
     assert torch.equal(z, x) and torch.equal(ladj, torch.zeros(3))
-    _perturb(layer)
+    perturb(layer)
     z, _ = layer(x)
     if mask == "channel":
         kept = torch.zeros(4, 6, 6, dtype=torch.bool)
@@ -155,7 +148,7 @@ def test_conv_coupling_errors():
 def test_factor_out_is_the_glow_prior():
     """log N(z; 0, I) + ladj equals log N(x_a) + log N(x_b; mu(x_a), sigma(x_a)^2)."""
     torch.manual_seed(0)
-    fo = _perturb(FactorOut((5, 4, 4), inner=None)).double()
+    fo = perturb(FactorOut((5, 4, 4), inner=None)).double()
     x = torch.randn(6, 5, 4, 4, dtype=torch.float64)
     z, ladj = fo(x)
     model = (-0.5 * (z.square() + LOG_2PI)).sum(dim=(1, 2, 3)) + ladj
@@ -169,7 +162,7 @@ def test_factor_out_is_the_glow_prior():
 
 def test_factor_out_temperature_scales_the_prior_std():
     torch.manual_seed(1)
-    fo = _perturb(FactorOut((2, 3, 3)))
+    fo = perturb(FactorOut((2, 3, 3)))
     z = torch.randn(4, 2, 3, 3)
     x, _ = fo.inverse(z)
     x_half, _ = fo.inverse(torch.cat([z[:, :1], 0.5 * z[:, 1:]], dim=1))
@@ -198,7 +191,7 @@ def _cube_points(shape, n, seed=0):
 
 def test_variational_dequantization_certified_across_cubes():
     torch.manual_seed(0)
-    deq = _perturb(VariationalDequantization((2, 4, 4), levels=4, depth=2, hidden_channels=4))
+    deq = perturb(VariationalDequantization((2, 4, 4), levels=4, depth=2, hidden_channels=4))
     x, v = _cube_points((2, 4, 4), 5)
     report = check_transform(deq, x + v, jacobian_samples=2)
     assert report.passed, str(report)
@@ -217,7 +210,7 @@ def test_variational_dequantization_starts_uniform():
 def test_variational_dequantization_density_integrates_to_one():
     """q(u | x) is a density on the unit square for a 2-pixel image."""
     torch.manual_seed(2)
-    deq = _perturb(VariationalDequantization((1, 1, 2), levels=4, depth=2, hidden_channels=4))
+    deq = perturb(VariationalDequantization((1, 1, 2), levels=4, depth=2, hidden_channels=4))
     deq = deq.double()
     n = 120
     grid = (torch.arange(n, dtype=torch.float64) + 0.5) / n
@@ -258,7 +251,7 @@ def test_dequantizer_selection():
 def test_net_layers_certified_on_3x8x8(make):
     """The registry certifies these on 1x4x4 and 3x4x4; one 192-dim Jacobian each here."""
     torch.manual_seed(0)
-    layer = _perturb(make(), scale=0.1)
+    layer = perturb(make(), scale=0.1)
     g = torch.Generator().manual_seed(1)
     x = torch.rand(3, 3, 8, 8, generator=g, dtype=torch.float64) * 4
     ctx = None if layer.context_features == 0 else torch.randn(3, 2, generator=g).double()

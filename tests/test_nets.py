@@ -9,13 +9,7 @@ from torch.autograd.functional import jacobian
 
 from exactflow.errors import ConfigError, ContextError, ShapeError
 from exactflow.nets import MADE, MLP, ResidualMLP
-
-
-def _perturb(module, std=0.5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(std * torch.randn(p.shape, generator=g))
+from helpers import perturb
 
 
 @pytest.mark.parametrize("net", [MLP(3, 4, (8, 8), context=2), ResidualMLP(3, 4, 8, context=2)])
@@ -28,7 +22,7 @@ def test_output_is_zero_at_init(net):
 
 def test_mlp_reads_context_and_works_without_inputs():
     net = MLP(0, 3, (8,), context=2)
-    _perturb(net)
+    perturb(net, 0.5)
     x = torch.zeros(4, 0)
     c = torch.randn(4, 2)
     assert not torch.allclose(net(x, c), net(x, c + 1.0))
@@ -66,7 +60,7 @@ def test_made_is_exactly_autoregressive_and_fully_connected(order, context):
     d, p = 5, 3
     # tanh: no dead ReLU units hiding a connection at the test point
     made = MADE(d, (16, 16), p, context=context, order=order, activation="tanh").double()
-    _perturb(made)
+    perturb(made, 0.5)
     c = torch.randn(1, context, dtype=torch.float64) if context else None
     jac = _made_jacobian(made, d, c)
     assert jac.shape == (d, p, d)
@@ -80,7 +74,7 @@ def test_made_is_exactly_autoregressive_and_fully_connected(order, context):
 def test_made_context_reaches_every_feature_including_the_first():
     d, c = 4, 2
     made = MADE(d, (12,), 2, context=c, order=[3, 1, 0, 2]).double()
-    _perturb(made)
+    perturb(made, 0.5)
     x = torch.randn(1, d, dtype=torch.float64)
     ctx = torch.randn(c, dtype=torch.float64)
     jac = jacobian(lambda v: made(x, v.unsqueeze(0)).squeeze(0), ctx)  # (D, P, C)

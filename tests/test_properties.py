@@ -35,6 +35,7 @@ from hypothesis import strategies as st
 from exactflow.nets import MADE
 from exactflow.testing import CASES, Case
 from exactflow.transforms.linear import LULinear
+from helpers import perturb
 
 INPUT_KINDS = ("normal", "cauchy", "boundary", "huge")
 
@@ -70,11 +71,7 @@ def draw_inputs(case: Case, kind: str, shape, dtype, g: torch.Generator) -> torc
 def perturbed(case: Case, shape, ctx: int, scale: float, dtype, seed: int):
     torch.manual_seed(seed)
     t = case.build(shape, ctx).to(dtype)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in t.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype))
-    return t
+    return perturb(t, scale, seed + 1, draw_dtype=torch.float64)
 
 
 def _all_finite(*ts) -> bool:
