@@ -8,6 +8,7 @@
     exactflow eval runs/x [--data held_out.csv]
     exactflow sample runs/x -n 64 --out samples.png
     exactflow check nsf --features 4
+    exactflow check glow --shape 1,8,8       # image models take C,H,W (default 1,4,4)
     exactflow detect runs/bc --data new.csv [--labels y.csv] [--quantile 0.99]
     exactflow export runs/bc --what log_prob --out bc.onnx   # standardisation baked in
     exactflow score bc.onnx new.csv [--out scores.npy]       # log p per row via onnxruntime
@@ -35,6 +36,9 @@ __all__ = ["main"]
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
+# `exactflow check`'s image shape: the smallest that Glow and RealNVPImage's default two
+# levels divide, so 8 brute-force 16x16 Jacobians per direction take seconds
+CHECK_IMAGE_SHAPE = (1, 4, 4)
 
 
 class _ParseError(Exception):
@@ -94,7 +98,12 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check", help="certify a model: round trips, log-dets, gradients")
     c.add_argument("model", help="model name, or a run directory to certify its trained flow")
-    c.add_argument("--features", type=int, default=2, help="data dimension (default 2)")
+    c.add_argument("--features", type=int, help="data dimension of a vector model (default 2)")
+    c.add_argument(
+        "--shape",
+        help=f"C,H,W image shape of an image model such as glow (default "
+        f"{','.join(map(str, CHECK_IMAGE_SHAPE))}: small, so the brute-force Jacobians are quick)",
+    )
     c.add_argument("--context", type=int, default=0, help="context features (default 0)")
     c.add_argument("--seed", type=int, default=0)
 
@@ -268,6 +277,36 @@ def _cmd_sample(args) -> int:
     return 0
 
 
+def _check_shape(text: str) -> tuple[int, int, int]:
+    """``"C,H,W"`` (or ``CxHxW``) as a tuple of three positive ints, else a ConfigError."""
+    from .errors import ConfigError
+
+    parts = text.replace("x", ",").split(",")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(f"--shape must be C,H,W with three positive integers, got {text!r}")
+    return shape  # type: ignore[return-value]
+
+
+def _check_input(model: str, builder, features: int | None, shape: str | None):
+    """The builder's first argument for ``exactflow check`` and its label: ``--features`` for a
+    vector model, ``--shape`` (default :data:`CHECK_IMAGE_SHAPE`) for an image model."""
+    from .errors import ConfigError
+
+    if getattr(builder, "input", "vector") == "image":
+        if features is not None:
+            raise ConfigError(f"{model} is an image model: give --shape C,H,W, not --features")
+        first = _check_shape(shape) if shape is not None else CHECK_IMAGE_SHAPE
+        return first, "shape=" + ",".join(map(str, first))
+    if shape is not None:
+        raise ConfigError(f"{model} is a vector model: give --features D, not --shape")
+    first = 2 if features is None else features
+    return first, f"features={first}"
+
+
 def _cmd_check(args) -> int:
     import torch
 
@@ -283,15 +322,16 @@ def _cmd_check(args) -> int:
         from .app.run import resolve_model
 
         builder = resolve_model(args.model)
+        first, described = _check_input(args.model, builder, args.features, args.shape)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)
             kwargs = {"context": args.context} if args.context else {}
-            flow = builder(args.features, **kwargs)
+            flow = builder(first, **kwargs)
             # perturb the identity initialisation so the checks see a non-trivial map
             with torch.no_grad():
                 for p in flow.parameters():
                     p.add_(0.1 * torch.randn_like(p))
-        label = f"{args.model} (features={args.features}, context={args.context})"
+        label = f"{args.model} ({described}, context={args.context})"
     g = torch.Generator().manual_seed(args.seed)
     context = torch.randn(args.context, generator=g) if args.context else None
     report = check_flow(flow, context=context, generator=g, raise_on_failure=False)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, ContextError, DTypeError, ShapeError
 from ..transforms.base import Transform
+from .fixed_step import solver_tolerance
 from .regularization import RNODE, Regularized, time_derivative
 
 try:
@@ -514,6 +515,14 @@ class CNF(Transform, Regularized):
         self.nfe_forward = 0
         self.nfe_backward = 0
         self._record_terms(None)
+
+    def check_tolerance(self) -> float:
+        """The error the solver allows on round trips and log-dets, from its current settings
+        (``atol``/``rtol``, or ``t1 / steps`` for fixed-step solvers; see
+        :func:`~exactflow.continuous.fixed_step.solver_tolerance`). :mod:`exactflow.check`
+        certifies a CNF against this instead of float64 precision."""
+        steps = self.steps if self.solver in FIXED_SOLVERS else None
+        return solver_tolerance(self.solver, self.t1, steps, self.atol, self.rtol)
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def reset_nfe(self) -> None:
