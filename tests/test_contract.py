@@ -24,7 +24,8 @@ def _params(case: Case):
     for case_ in CASES if case is None else [case]:
         for shape in case_.shapes:
             sid = "x".join(map(str, shape))
-            out.append(pytest.param(case_, shape, 0, id=f"{case_.name}-{sid}"))
+            if case_.unconditional:
+                out.append(pytest.param(case_, shape, 0, id=f"{case_.name}-{sid}"))
             if case_.context:
                 out.append(pytest.param(case_, shape, CONTEXT, id=f"{case_.name}-{sid}-ctx"))
     return out

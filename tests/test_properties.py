@@ -114,7 +114,7 @@ def _sweep(case: Case, tally: dict[str, int]):
     def check(shape_i, batch, double, scale, kind, with_ctx, seed):
         shape = case.shapes[shape_i]
         dtype = torch.float64 if double else torch.float32
-        ctx = 3 if (case.context and with_ctx) else 0
+        ctx = 3 if (case.context and (with_ctx or not case.unconditional)) else 0
         t = perturbed(case, shape, ctx, scale, dtype, seed)
         g = torch.Generator().manual_seed(seed + 2)
         x = draw_inputs(case, kind, (batch, *shape), dtype, g).requires_grad_(True)

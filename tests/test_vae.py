@@ -3,17 +3,15 @@ import math
 import pytest
 import torch
 
-from exactflow.errors import ConfigError, ShapeError
+from exactflow.errors import ConfigError, ContextError, ShapeError
+from exactflow.transforms import Inverse, Planar
 from exactflow.vae import AmortisedPlanar, FlowVAE, binarised_images, evaluate_vae, train_vae
+from helpers import perturb
 
 
 def perturbed_planar(seed=0) -> AmortisedPlanar:
-    torch.manual_seed(seed)
-    t = AmortisedPlanar(3, 4).double()
-    with torch.no_grad():
-        for p in t.parameters():
-            p.add_(0.5 * torch.randn_like(p))
-    return t
+    torch.manual_seed(seed)  # the layer's random initial w
+    return perturb(AmortisedPlanar(3, 4).double(), 0.5, seed)
 
 
 def test_amortised_planar_round_trip_and_log_det():
@@ -36,10 +34,25 @@ def test_amortised_planar_round_trip_and_log_det():
     x0, ladj0 = fresh.inverse(z, c)
     torch.testing.assert_close(x0, z, atol=1e-12, rtol=0)
     torch.testing.assert_close(ladj0, torch.zeros(5, dtype=torch.float64), atol=1e-12, rtol=0)
-    with pytest.raises(ShapeError, match="\\(\\*batch, 4\\)"):
+    with pytest.raises(ContextError, match="\\(\\*batch, 4\\)"):
         t.inverse(z, c[:, :2])
-    with pytest.raises(ConfigError, match="needs a context"):
+    with pytest.raises(ContextError, match="needs a context"):
         t.inverse(z)
+
+
+def test_amortised_planar_is_the_inverse_planar_layer():
+    """No second planar implementation: the VAE layer is ``Inverse(Planar(d, c))`` started at
+    ``u = 0``, so both give the same map and log-det for the same parameters."""
+    t = perturbed_planar(seed=3)
+    assert isinstance(t, Inverse) and isinstance(t.transform, Planar)
+    twin = Inverse(Planar(3, 4)).double()
+    twin.load_state_dict(t.state_dict())
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    c = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    for a, b in zip(t.inverse(z, c), twin.inverse(z, c), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert float(AmortisedPlanar(3, 4).transform.u.abs().max()) == 0.0
 
 
 @pytest.mark.parametrize("posterior", ["gaussian", "iaf", "planar"])

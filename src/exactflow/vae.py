@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .distributions import ConditionalGaussian, StandardNormal
 from .errors import ConfigError, ShapeError
 from .flow import Flow
-from .transforms import Compose, Transform
+from .transforms import Compose, Inverse, Planar, Transform
 from .validation import check_count, check_positive_finite, check_seed
 
 __all__ = [
@@ -43,84 +43,33 @@ __all__ = [
 ]
 
 POSTERIORS = ("gaussian", "iaf", "planar")
-_SHIFT = math.log(math.e - 1.0)  # softplus(_SHIFT) = 1
 
 
-class AmortisedPlanar(Transform):
-    """Planar layer with context-given parameters: noise -> latent ``x = z + u_hat tanh(w.z + b)``.
+class AmortisedPlanar(Inverse):
+    """The amortised planar posterior layer: ``Inverse(Planar(features, context_features))``
+    started at exactly the identity.
 
-    ``(u, w, b)`` are a linear function of the context (zero-initialised: the identity map).
-    ``u_hat = u + (m(w.u) - w.u) w / |w|^2`` with ``m(a) = -1 + softplus(a + log(e - 1))``
-    keeps ``w.u_hat > -1`` (invertible); the shift makes ``m(0) = 0``, so ``u = 0`` is exactly
-    the identity.
-    ``inverse`` (the sampling direction) is closed form with
-    ``log|det dx/dz| = log(1 + u_hat.w tanh'(w.z + b))``; ``forward`` solves the 1-D monotone
-    equation for ``w.z`` by bisection.
+    Its ``inverse`` (the sampling direction, noise -> latent) is the planar map's closed form
+    ``x = z + u_hat tanh(w.z + b)`` with ``(u, w, b)`` the layer's own plus a linear function of
+    the context (see :class:`~exactflow.transforms.Planar`); ``forward`` solves it by
+    bisection. ``u`` starts at zero, so ``u_hat = 0`` for every context until training moves
+    it, and ``w`` at a small random direction (``u_hat`` needs ``w != 0``).
 
     Args:
         features: D.
-        context_features: C.
+        context_features: C (>= 1: the layer is amortised).
         bisection_steps: iterations of the forward's bracketing search.
     """
 
     def __init__(self, features: int, context_features: int, bisection_steps: int = 60):
-        super().__init__()
-        self.features = check_count(features, "features", minimum=1)
-        self.context_features = check_count(context_features, "context_features", minimum=1)
-        self.event_dim = 1
-        self.bisection_steps = check_count(bisection_steps, "bisection_steps", minimum=1)
-        self.net = nn.Linear(context_features, 2 * features + 1)
-        nn.init.zeros_(self.net.weight)
-        nn.init.zeros_(self.net.bias)
-        # w must not start at exactly zero or u_hat is undefined; a small fixed direction
-        self.w0 = nn.Parameter(torch.randn(features) * 0.1)
-
-    def _params(self, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        if context is None:
-            raise ConfigError("AmortisedPlanar needs a context of shape (*batch, C), got None")
-        if context.shape[-1] != self.context_features:
-            raise ShapeError(
-                f"context must have shape (*batch, {self.context_features}), "
-                f"got {tuple(context.shape)}"
-            )
-        out = self.net(context)
-        d = self.features
-        u, w, b = out[..., :d], out[..., d : 2 * d] + self.w0, out[..., 2 * d]
-        wu = (w * u).sum(-1, keepdim=True)
-        ww = (w * w).sum(-1, keepdim=True).clamp_min(1e-12)
-        u_hat = u + (F.softplus(wu + _SHIFT) - 1.0 - wu) * w / ww
-        return u_hat, w, b
-
-    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        u, w, b = self._params(context)
-        h = torch.tanh((w * z).sum(-1) + b)
-        x = z + u * h.unsqueeze(-1)
-        ladj = torch.log1p((1.0 - h.square()) * (w * u).sum(-1))
-        return x, ladj
-
-    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        u, w, b = self._params(context)
-        wu = (w * u).sum(-1)
-        wx = (w * x).sum(-1)
-
-        # a = w.z solves a + wu tanh(a + b) = w.x, increasing in a; |tanh| <= 1 brackets it
-        def g(a: Tensor) -> Tensor:
-            return a + wu * torch.tanh(a + b) - wx
-
+        features = check_count(features, "features", minimum=1)
+        context_features = check_count(context_features, "context_features", minimum=1)
+        steps = check_count(bisection_steps, "bisection_steps", minimum=1)
+        planar = Planar(features, context_features, steps)
         with torch.no_grad():
-            lo = wx - wu.abs() - 1e-12
-            hi = wx + wu.abs() + 1e-12
-            for _ in range(self.bisection_steps):
-                mid = 0.5 * (lo + hi)
-                above = g(mid) > 0
-                hi = torch.where(above, mid, hi)
-                lo = torch.where(above, lo, mid)
-            a0 = 0.5 * (lo + hi)
-        # one Newton step from the detached root carries the implicit-function gradient
-        a = a0 - g(a0) / (1.0 + wu * (1.0 - torch.tanh(a0 + b).square()))
-        h = torch.tanh(a + b)
-        z = x - u * h.unsqueeze(-1)
-        return z, -torch.log1p((1.0 - h.square()) * wu)
+            planar.u.zero_()
+        super().__init__(planar)
+        self.features = features
 
 
 def _mlp(sizes: Sequence[int], final_zero: bool = False) -> nn.Sequential:

@@ -3,7 +3,11 @@ test (tests/test_contract.py) certifies it and its inverse: shapes, round trip, 
 autograd Jacobian, gradients, dtypes, context and save/load.
 
 A case's ``build(shape, context_features)`` returns a fresh transform for event ``shape``;
-``context=True`` means it accepts a context (it is then also built and tested with one).
+``context=True`` means it accepts a context (it is then also built and tested with one);
+``unconditional=False`` means it needs one (it is then tested only with one).
+
+tests/test_completeness.py fails for any shipped Transform subclass that no case here builds
+(it lists the exempt ones, e.g. abstract bases, with their reasons).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..continuous import CNF, TimeMLP
+from ..errors import ConfigError
 from ..export import FixedStepCNF
 from ..transforms import (
     Affine,
@@ -37,8 +42,19 @@ from ..transforms.autoregressive import Autoregressive
 from ..transforms.base import Transform
 from ..transforms.coupling import Coupling, alternating_mask, checkerboard_mask
 from ..transforms.dequantization import VariationalDequantization
-from ..transforms.image import ConvCoupling, FactorOut, InvConv1x1, LearnedPrior, Squeeze, Unsqueeze
+from ..transforms.image import (
+    ConvCoupling,
+    FactorOut,
+    FrozenConv1x1,
+    InvConv1x1,
+    LearnedPrior,
+    Squeeze,
+    Unsqueeze,
+)
+from ..transforms.linear import FrozenLinear, Permutation
 from ..transforms.normalization import ActNorm, BatchNormFlow
+from ..transforms.preprocessing import LogitPreprocess, Whiten
+from ..vae import AmortisedPlanar
 
 VECTOR_SHAPES: tuple[tuple[int, ...], ...] = ((1,), (2,), (5,), (16,))
 
@@ -52,6 +68,7 @@ class Case:
         build: ``(event_shape, context_features) -> Transform``.
         domain: input domain for test data: ``real``, ``unit`` (0, 1) or ``ball`` (-1, 1).
         context: whether the transform takes a context.
+        unconditional: whether it also works without one (tested with ``context = 0``).
         shapes: event shapes to test.
         roundtrip_tol: round-trip tolerance (float64).
         ladj_tol: log-det tolerance (float64).
@@ -63,6 +80,7 @@ class Case:
     build: Callable[[tuple[int, ...], int], Transform]
     domain: str = "real"
     context: bool = False
+    unconditional: bool = True
     shapes: tuple[tuple[int, ...], ...] = VECTOR_SHAPES
     roundtrip_tol: float = 1e-10
     ladj_tol: float = 1e-8
@@ -85,10 +103,29 @@ CASES: list[Case] = [
     Case("lu-linear", lambda s, c: LULinear(s[0])),
     Case("reverse", lambda s, c: Reverse(s[0])),
     Case("random-permutation", lambda s, c: RandomPermutation(s[0], seed=1)),
+    Case("permutation", lambda s, c: Permutation(torch.randperm(s[0]))),
     Case("planar", lambda s, c: Planar(s[0]), roundtrip_tol=1e-6),
     Case("planar-inverse", lambda s, c: Inverse(Planar(s[0])), roundtrip_tol=1e-6),
+    # the VAE's amortised posterior layer, Inverse(Planar(d, c)) starting at the identity
     Case(
-        "planar-amortised", lambda s, c: Inverse(Planar(s[0], c)), roundtrip_tol=1e-6, context=True
+        "amortised-planar",
+        lambda s, c: AmortisedPlanar(s[0], c),
+        context=True,
+        unconditional=False,
+        roundtrip_tol=1e-6,
+    ),
+    # fixed maps: the export forms (W^-1 precomputed once in the dtype they are built in, so the
+    # cases build them in float64) and the data pre-processing bijections
+    Case("frozen-linear", lambda s, c: FrozenLinear(_matrix(s[0]), torch.randn(s[0]).double())),
+    Case("whiten", lambda s, c: Whiten(torch.randn(s[0]), _tril(s[0]))),
+    Case(
+        "frozen-whiten", lambda s, c: Whiten(torch.randn(s[0]).double(), _tril(s[0])).export_form()
+    ),
+    Case(
+        "logit-preprocess",
+        lambda s, c: LogitPreprocess(2, alpha=0.05, event_dim=len(s)),  # on (0, 1) of [0, 2)
+        domain="unit",
+        shapes=(*VECTOR_SHAPES, (2, 3, 3)),
     ),
     Case("radial", lambda s, c: Radial(s[0]), roundtrip_tol=1e-10),
     Case(
@@ -193,10 +230,24 @@ def _z(shape):
     return torch.zeros(shape)
 
 
+def _matrix(d: int) -> torch.Tensor:
+    """A random float64 ``(d, d)`` matrix with singular values in ``[0.5, 2]``: invertible,
+    well conditioned, and with a log-det far from 0 (``Q diag(s) R^T``, Q and R orthogonal)."""
+    q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+    r, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+    return q @ torch.diag(torch.linspace(0.5, 2.0, d, dtype=torch.float64)) @ r.T
+
+
+def _tril(d: int) -> torch.Tensor:
+    """The float64 Cholesky factor of a random covariance ``A A^T / d + I / 2``."""
+    a = torch.randn(d, d, dtype=torch.float64)
+    return torch.linalg.cholesky(a @ a.T / d + 0.5 * torch.eye(d, dtype=torch.float64))
+
+
 def register(case: Case) -> Case:
     """Add a case (for transforms defined outside this package, e.g. in plugins or tests)."""
     if any(c.name == case.name for c in CASES):
-        raise ValueError(f"a registry case named {case.name!r} already exists")
+        raise ConfigError(f"a registry case named {case.name!r} already exists")
     CASES.append(case)
     return case
 
@@ -231,6 +282,11 @@ def _image_cases(case_cls) -> list:
 
     return [
         case_cls("image-squeeze-conv1x1", sq_conv, shapes=shapes),
+        case_cls(
+            "frozen-conv1x1",
+            lambda s, c: FrozenConv1x1(_matrix(s[0])),
+            shapes=((1, 2, 2), (3, 4, 4)),
+        ),
         case_cls("invconv1x1-dense", lambda s, c: InvConv1x1(s[0], lu=False), shapes=shapes),
         case_cls("invconv1x1-lu", lambda s, c: InvConv1x1(s[0], lu=True), shapes=shapes),
         case_cls("actnorm-image", lambda s, c: ActNorm(s), shapes=shapes),

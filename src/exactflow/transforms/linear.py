@@ -7,15 +7,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ConfigError, ShapeError
+from ..validation import check_count
 from .base import Transform, zeros_like_batch
 
 __all__ = ["FrozenLinear", "LULinear", "Linear", "Permutation", "RandomPermutation", "Reverse"]
 
 
 def _check_features(features: int) -> int:
-    if not isinstance(features, int) or features < 1:
-        raise ValueError(f"features must be a positive int, got {features!r}")
-    return features
+    return check_count(features, "features", minimum=1)
 
 
 class Linear(Transform):
@@ -35,7 +35,7 @@ class Linear(Transform):
         if weight is None:
             weight, _ = torch.linalg.qr(torch.randn(d, d))
         elif tuple(weight.shape) != (d, d):
-            raise ValueError(f"weight must have shape ({d}, {d}), got {tuple(weight.shape)}")
+            raise ShapeError(f"weight must have shape ({d}, {d}), got {tuple(weight.shape)}")
         self.weight = nn.Parameter(weight.clone())
         self.bias = nn.Parameter(torch.zeros(d)) if bias else None
 
@@ -77,7 +77,7 @@ class LULinear(Transform):
         d = _check_features(features)
         perm = torch.arange(d) if permutation is None else torch.as_tensor(permutation)
         if sorted(perm.tolist()) != list(range(d)):
-            raise ValueError(
+            raise ConfigError(
                 f"permutation must be a permutation of range({d}), got {perm.tolist()}"
             )
         self.register_buffer("perm", perm.long())
@@ -150,7 +150,7 @@ class Permutation(Transform):
         super().__init__()
         perm = torch.as_tensor(permutation).long()
         if perm.dim() != 1 or sorted(perm.tolist()) != list(range(perm.numel())):
-            raise ValueError(f"not a permutation of range({perm.numel()}): {perm.tolist()}")
+            raise ConfigError(f"not a permutation of range({perm.numel()}): {perm.tolist()}")
         self.register_buffer("perm", perm)
         self.register_buffer("inv_perm", torch.argsort(perm))
 
