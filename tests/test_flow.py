@@ -191,3 +191,23 @@ def test_numpy_input_is_accepted():
     torch.testing.assert_close(
         flow.log_prob(np.array([5.0])), flow.log_prob(torch.tensor([5.0]).double())
     )
+
+
+def test_a_compose_of_mismatched_event_dims_is_a_named_shape_error():
+    """``Affine(2.0, 3.0)`` is elementwise (event_dim 0): its per-element log-dets used to
+    broadcast into a Compose's sum, a raw RuntimeError at batch 4 and a wrong-shaped sum at
+    batch 3 (the batch equal to the event size)."""
+    from exactflow.transforms import Reverse
+
+    flow = ef.Flow(Compose([Affine(2.0, 3.0), Reverse(3)]), StandardNormal((3,)))
+    for batch in (3, 4):
+        with pytest.raises(ShapeError, match=r"Compose item 0 \(Affine, event_dim=0\)") as info:
+            flow.log_prob(torch.randn(batch, 3))
+        assert f"expected the batch shape ({batch},)" in str(info.value)
+        with pytest.raises(ShapeError, match="event_dim=1"):
+            flow.sample(batch)
+    # the valid spelling, and the closed form it must equal
+    ok = ef.Flow(Compose([Affine(2.0, 3.0, event_dim=1), Reverse(3)]), StandardNormal((3,)))
+    x = torch.randn(4, 3)
+    expected = Normal(2.0, 3.0).log_prob(x).sum(-1)
+    torch.testing.assert_close(ok.log_prob(x), expected)

@@ -16,6 +16,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from ..errors import ShapeError
+
 __all__ = ["Compose", "Inverse", "Transform", "sum_rightmost"]
 
 
@@ -110,22 +112,36 @@ class Compose(Transform):
         self.context_features = max((t.context_features for t in transforms), default=0)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        total = None
-        for t in self.transforms:
+        batch = x.shape[: x.dim() - self.event_dim]
+        total = x.new_zeros(batch) if not len(self.transforms) else None
+        for i, t in enumerate(self.transforms):
             x, ladj = t(x, context)
+            self._check_ladj(i, t, ladj, batch)
             total = ladj if total is None else total + ladj
-        if total is None:
-            total = x.new_zeros(x.shape[: x.dim() - self.event_dim])
         return x, total
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        total = None
-        for t in reversed(self.transforms):
+        batch = z.shape[: z.dim() - self.event_dim]
+        total = z.new_zeros(batch) if not len(self.transforms) else None
+        for i in reversed(range(len(self.transforms))):
+            t = self.transforms[i]
             z, ladj = t.inverse(z, context)
+            self._check_ladj(i, t, ladj, batch)
             total = ladj if total is None else total + ladj
-        if total is None:
-            total = z.new_zeros(z.shape[: z.dim() - self.event_dim])
         return z, total
+
+    def _check_ladj(self, i: int, t: Transform, ladj: Tensor, batch: torch.Size) -> None:
+        # a shape comparison only (no tensor values), so it stays compile- and export-safe; a
+        # lower event_dim (Affine(2.0, 3.0) is elementwise, event_dim 0) leaves per-element
+        # log-dets that would otherwise broadcast into the sum, or fail with a bare RuntimeError
+        if ladj.shape != batch:
+            raise ShapeError(
+                f"Compose item {i} ({type(t).__name__}, event_dim={t.event_dim}) returned a "
+                f"log-det of shape {tuple(ladj.shape)}, expected the batch shape {tuple(batch)}"
+                f" (the Compose has event_dim={self.event_dim}); give every transform of a "
+                f"Compose the same event_dim, e.g. {type(t).__name__}(..., "
+                f"event_dim={self.event_dim})"
+            )
 
     def __len__(self) -> int:
         return len(self.transforms)
