@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .distributions import DiagGaussian
-from .errors import ConfigError, ShapeError
+from .errors import ConfigError, DTypeError, ShapeError
 from .flow import Flow
 
 __all__ = [
@@ -136,7 +136,7 @@ def _resolve(target: str | LogDensity) -> LogDensity:
             raise ConfigError(f"unknown target {target!r}; valid: {', '.join(TARGETS)}")
         return TARGETS[target]
     if not callable(target):
-        raise TypeError(f"target must be a name or a callable z -> log p~(z), got {target!r}")
+        raise DTypeError(f"target must be a name or a callable z -> log p~(z), got {target!r}")
     return target
 
 
@@ -149,7 +149,7 @@ def learnable_base(flow: Flow) -> Flow:
     ``flow`` must be unconditional with a vector event shape; its transform is shared.
     """
     if not isinstance(flow, Flow):
-        raise TypeError(f"flow must be an exactflow Flow, got {type(flow).__name__}")
+        raise DTypeError(f"flow must be an exactflow Flow, got {type(flow).__name__}")
     if flow.context_features:
         raise ConfigError(
             f"learnable_base takes an unconditional flow, got context_features="
@@ -293,7 +293,7 @@ def fit_vi(
     """
     fn = _resolve(target)
     if not isinstance(flow, Flow):
-        raise TypeError(f"flow must be an exactflow Flow, got {type(flow).__name__}")
+        raise DTypeError(f"flow must be an exactflow Flow, got {type(flow).__name__}")
     for name, value, least in (
         ("steps", steps, 1),
         ("batch_size", batch_size, 1),
