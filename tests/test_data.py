@@ -266,3 +266,19 @@ def test_uniform_dequantisation():
     assert torch.equal(ladj, torch.zeros(1000))
     assert torch.equal(t.inverse(y2)[0], x)
     assert dequantize(torch.zeros(3, dtype=torch.long)).dtype == torch.float32
+
+
+def test_digits_views_share_one_split():
+    """``load_dataset("digits")`` split 1168/270/359 but ``"digits_image"`` 1258/180/359 (and
+    ``exactflow train --data digits`` 1258/180/359 again): the same images and test rows,
+    different training sets. Both views now default to one split, the rows of the CLI's."""
+    for seed in (0, 5):
+        tab = load_dataset("digits", seed=seed)
+        img = load_dataset("digits_image", seed=seed)
+        sizes = [tab.train.shape[0], tab.val.shape[0], tab.test.shape[0]]
+        assert sizes == [1258, 180, 359]
+        for part in ("train", "val", "test"):
+            assert torch.equal(getattr(img, part).reshape(-1, 64), getattr(tab, part)), part
+    # the continuous tables keep theirs; explicit fractions still win
+    assert load_dataset("breast_cancer", seed=0).val.shape[0] == round(569 * 0.15)
+    assert load_dataset("digits", seed=0, val=0.15).train.shape[0] == 1168

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import DataError
 from .dataset import Dataset, continuous_preprocessing
-from .splits import split
+from .splits import TABLE_SPLIT, split
 
 __all__ = ["file_dataset", "read_table"]
 
@@ -115,8 +115,8 @@ def read_table(path: str | Path) -> np.ndarray:
 def file_dataset(
     path: str | Path,
     seed: int = 0,
-    val: float = 0.15,
-    test: float = 0.2,
+    val: float = TABLE_SPLIT[0],
+    test: float = TABLE_SPLIT[1],
     preprocessing: str | None = None,
     features: int | None = None,
 ) -> Dataset:

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 from .dataset import Dataset
-from .splits import split
+from .splits import DIGITS_SPLIT, split
 
 __all__ = ["IMAGES", "image_dataset", "load_mnist_subset"]
 
@@ -24,6 +24,10 @@ IMAGES: dict[str, tuple[tuple[int, int, int], int]] = {
     "digits_image": ((1, 8, 8), 17),
     "mnist": ((1, 28, 28), 256),
 }
+
+# default (val, test) fractions; digits_image is the tabular "digits" data reshaped, so it
+# takes the same fractions and, with the same seed, the same train/val/test rows
+_SPLITS: dict[str, tuple[float, float]] = {"digits_image": DIGITS_SPLIT, "mnist": (0.1, 0.2)}
 
 
 def load_mnist_subset() -> np.ndarray:
@@ -52,19 +56,27 @@ def _digits() -> np.ndarray:
 
 
 def image_dataset(
-    name: str, seed: int = 0, val: float = 0.1, test: float = 0.2, alpha: float = 0.05
+    name: str,
+    seed: int = 0,
+    val: float | None = None,
+    test: float | None = None,
+    alpha: float = 0.05,
 ) -> Dataset:
     """An image set as a :class:`Dataset` of ``(N, C, H, W)`` pixel tensors.
 
     Args:
         name: ``"digits_image"`` or ``"mnist"``.
         seed: seeds the split.
-        val, test: split fractions.
+        val, test: split fractions; default 0.1/0.2 (for ``digits_image`` those of the
+            tabular ``digits``, :data:`~.splits.DIGITS_SPLIT`, so both views of the same
+            seed split the same rows: 1258/180/359).
         alpha: logit boundary margin of the pre-processing.
     """
     if name not in IMAGES:
         raise ConfigError(f"unknown image dataset {name!r}; valid: {', '.join(IMAGES)}")
     shape, levels = IMAGES[name]
+    val = _SPLITS[name][0] if val is None else val
+    test = _SPLITS[name][1] if test is None else test
     flat = load_mnist_subset() if name == "mnist" else _digits()
     data = torch.as_tensor(np.asarray(flat, dtype=np.float32)).reshape(-1, *shape)
     parts = split(data, val, test, generator=torch.Generator().manual_seed(int(seed)))

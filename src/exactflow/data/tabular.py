@@ -12,7 +12,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 from .dataset import Dataset, continuous_preprocessing
-from .splits import split
+from .splits import DIGITS_SPLIT, TABLE_SPLIT, split
 
 __all__ = ["TABULAR", "tabular_dataset"]
 
@@ -36,13 +36,15 @@ TABULAR: dict[str, tuple[Callable[[], np.ndarray], int | None, tuple[int, ...] |
     "breast_cancer": (_sklearn("load_breast_cancer"), None, None),
     "iris": (_sklearn("load_iris"), None, None),
 }
+# default (val, test) fractions; digits shares its split with the image view digits_image
+_SPLITS: dict[str, tuple[float, float]] = {"digits": DIGITS_SPLIT}
 
 
 def tabular_dataset(
     name: str,
     seed: int = 0,
-    val: float = 0.15,
-    test: float = 0.2,
+    val: float | None = None,
+    test: float | None = None,
     preprocessing: str | None = None,
     alpha: float = 0.05,
 ) -> Dataset:
@@ -54,7 +56,9 @@ def tabular_dataset(
     Args:
         name: one of :data:`TABULAR`.
         seed: seeds the shuffle into train/val/test.
-        val, test: split fractions.
+        val, test: split fractions; default 0.15/0.2 (:data:`~.splits.TABLE_SPLIT`), for
+            ``digits`` 0.1/0.2 (:data:`~.splits.DIGITS_SPLIT`, shared with ``digits_image``:
+            1258/180/359 rows, the same rows for the same seed).
         preprocessing: ``"whiten"`` (training mean and covariance; the default for
             continuous tables, so an identity-initialised flow starts at the full-covariance
             Gaussian fit), ``"standardize"`` (per-feature training mean and std), ``"logit"``
@@ -65,6 +69,9 @@ def tabular_dataset(
     if name not in TABULAR:
         raise ConfigError(f"unknown tabular dataset {name!r}; valid: {', '.join(TABULAR)}")
     loader, levels, image_shape = TABULAR[name]
+    default_val, default_test = _SPLITS.get(name, TABLE_SPLIT)
+    val = default_val if val is None else val
+    test = default_test if test is None else test
     if preprocessing == "logit" and levels is None:
         raise ConfigError(f"logit pre-processing needs discrete data; {name!r} is continuous")
     data = torch.as_tensor(np.asarray(loader(), dtype=np.float32))
