@@ -155,7 +155,6 @@ def check_transform(
     atol_ladj = max(ATOL_LADJ, declared) if atol_ladj is None else float(atol_ladj)
     atol_roundtrip = max(ATOL_ROUNDTRIP, declared) if atol_roundtrip is None else atol_roundtrip
     t = copy.deepcopy(transform).to(dtype)
-
     k = t.event_dim
     x = as_tensor(x, "x", dtype).detach().to(dtype)  # lists and NumPy arrays are accepted
     event = tuple(x.shape[x.dim() - k :]) if k else ()
@@ -171,7 +170,6 @@ def check_transform(
     report = CheckReport(atol_roundtrip=float(atol_roundtrip), atol_ladj=float(atol_ladj))
 
     was_training = t.training
-
     with torch.no_grad():
         try:
             t(x, context)  # data-dependent initialisation, if any
@@ -413,7 +411,6 @@ def check_flow(
         grid_points: points per axis of the initial grid (default 1024 in 1-D, 128 in 2-D).
         max_points: density evaluations the refinement may spend (default 2^16 in 1-D, 2^18
             in 2-D).
-
         generator: seeds the samples.
         raise_on_failure: raise :class:`~exactflow.errors.CheckFailed` if any check fails.
         kwargs: passed to :func:`check_transform` (``atol_ladj``, ``atol_roundtrip``, ...).
@@ -442,7 +439,6 @@ def check_flow(
                 f"density integrates to {report.integral:.4f} ± {report.integral_error:.1e}, "
                 f"not 1 (tolerance {atol_integral:g} + the grid's error)"
             )
-
     if raise_on_failure and not report.passed:
         raise CheckFailed(f"flow failed certification:\n{report}")
     return report

@@ -148,7 +148,6 @@ class BatchNormFlow(_PerChannel):
     different maps: ``log_prob(x)`` normalises ``x`` with its own batch statistics while
     ``sample_and_log_prob`` inverts the running-statistics map (a fresh ``RealNVP(2,
     norm="batchnorm")`` disagrees by 0.1 nats on average, more after training). Neither
-
     can be made to match the other (noise has no data statistics, and the running averages are
     not the map being trained), so a train-mode ``inverse`` warns with
     :class:`BatchNormTrainModeWarning` instead of silently returning the other map's densities.
@@ -209,6 +208,5 @@ class BatchNormFlow(_PerChannel):
                 stacklevel=2,
             )
         log_scale = self._log_scale(self.running_var)
-
         x = (z - self.beta) * torch.exp(-log_scale) + self.running_mean
         return x, -self._ladj(log_scale, batch)
