@@ -79,13 +79,13 @@ def build(args, model: str, data: str, shape, levels: int, dequantization: str) 
         m = Glow(
             shape,
             levels=2,
-            depth=depth,
-            hidden_channels=hidden,
-            coupling=args.coupling,
-            coupling_args=spline,
+            transforms=depth,
+            hidden=hidden,
+            map=args.coupling,
+            map_kwargs=spline,
         )
     elif model == "realnvp-image":
-        m = RealNVPImage(shape, levels=2, couplings=3, hidden_channels=hidden)
+        m = RealNVPImage(shape, levels=2, transforms=3, hidden=hidden)
     else:  # vector RealNVP on the flattened image, same pre-processing
         d = math.prod(shape)
         vec = RealNVP(d, transforms=8, hidden=(256, 256))

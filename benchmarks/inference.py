@@ -50,7 +50,7 @@ def build(name: str):
         "realnvp": lambda: models.RealNVP(D, transforms=5, hidden=(128, 128)),
         "maf": lambda: models.MAF(D, transforms=5, hidden=(128, 128)),
         "nsf": lambda: models.NSF(D, transforms=5, hidden=(128, 128)),
-        "glow": lambda: models.Glow(IMAGE, levels=2, depth=4, hidden_channels=64),
+        "glow": lambda: models.Glow(IMAGE, levels=2, transforms=4, hidden=64),
     }[name]().eval()
     with torch.no_grad():
         for p in flow.parameters():

@@ -205,8 +205,8 @@ def main() -> None:
                                  "nfe": r["nfe_per_log_prob"], "from": args.ffjord_from}  # fmt: skip
             elif not args.skip_ffjord:
                 torch.manual_seed(seed)
-                ff = FFJORD(2, hidden, trace="exact", adjoint=False, atol=args.ffjord_tol,
-                            rtol=args.ffjord_tol)  # fmt: skip
+                ff = FFJORD(2, hidden=hidden, trace="exact", adjoint=False,
+                            atol=args.ffjord_tol, rtol=args.ffjord_tol)  # fmt: skip
                 steps, wall, cpu = train_for(ff, train, nll_loss, seconds=args.ffjord_seconds,
                                              lr=args.lr, seed=seed, clock=args.clock)  # fmt: skip
                 nll, se, nfe = exact_nll(ff, test, args.eval_tol)
@@ -222,7 +222,7 @@ def main() -> None:
                 runs.append(("otcfm", {"steps": args.cfm_steps}))
             for label, kw in runs:
                 torch.manual_seed(seed)
-                fm = OTCFM(2, hidden)
+                fm = OTCFM(2, hidden=hidden)
                 steps, wall, cpu = train_for(
                     fm, train, matching_loss, lr=args.cfm_lr, seed=seed, batch=args.cfm_batch,
                     clock=args.clock, schedule=args.cfm_schedule, **kw,
@@ -235,7 +235,7 @@ def main() -> None:
                       f"NLL {nll:.3f}±{se:.3f}", flush=True)  # fmt: skip
             if not args.skip_reflow:
                 torch.manual_seed(seed)
-                rf = RectifiedFlow(2, hidden)
+                rf = RectifiedFlow(2, hidden=hidden)
                 steps, wall, _ = train_for(rf, train, matching_loss, steps=args.rf_steps,
                                            lr=args.lr, seed=seed)  # fmt: skip
                 before = one_step_quality(rf, test, seed=1)

@@ -75,7 +75,7 @@ def main() -> None:
                 latent=args.latent,
                 hidden=args.hidden,
                 posterior=post,
-                flow_layers=args.flow_layers,
+                transforms=args.flow_layers,
                 prior=args.prior,
             )
             t0 = time.perf_counter()

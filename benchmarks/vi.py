@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from exactflow.models import NSF, Planar
+from exactflow.models import NSF, PlanarFlow
 from exactflow.vi import evaluate_vi, fit_vi, learnable_base, log_z_grid, plot_vi
 
 
 def build(kind: str) -> torch.nn.Module:
     if kind == "planar":
-        return learnable_base(Planar(2, 32, for_sampling=True))
+        return learnable_base(PlanarFlow(2, transforms=32, for_sampling=True))
     # knot-derivative factors in (0.5, 2), as the slow test's NSF (docs/guide/vi.md)
     return learnable_base(
         NSF(2, transforms=4, hidden=(32, 32), map_kwargs={"derivative_range": (0.5, 2)})

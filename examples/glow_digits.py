@@ -1,6 +1,6 @@
 """Glow on the 8x8 digits: ActNorm, invertible 1x1 convolutions, squeeze and split.
 
-Builds ``Glow((1, 8, 8), levels=2, depth=4, hidden_channels=32)`` behind uniform
+Builds ``Glow((1, 8, 8), levels=2, transforms=4, hidden=32)`` behind uniform
 dequantisation and the logit pre-processing (:func:`exactflow.models.image.pixel_flow`), so
 ``log_prob`` is a bound on the pixel-space log-likelihood and ``bits/dim = -log_prob / (64 ln 2)``.
 The script prints the event shape through the multi-scale levels, checks the LU 1x1
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     test, train = x[perm[:180]], x[perm[180:]]
 
     torch.manual_seed(0)
-    model = Glow((1, 8, 8), levels=2, depth=depth, hidden_channels=hidden)
+    model = Glow((1, 8, 8), levels=2, transforms=depth, hidden=hidden)
     flow = pixel_flow(model, LEVELS)
     flow.validate = False  # inputs are built here, no need to re-check every batch
     print("\n".join(shape_walk(model)))

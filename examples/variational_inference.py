@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from exactflow.models import Planar
+from exactflow.models import PlanarFlow
 from exactflow.vi import TARGETS, fit_vi, learnable_base, log_z_grid
 
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     torch.manual_seed(0)
     # closed-form direction = noise -> sample; a base with learnable mean and scale
-    flow = learnable_base(Planar(2, 32, for_sampling=True))
+    flow = learnable_base(PlanarFlow(2, transforms=32, for_sampling=True))
     result = fit_vi(
         flow,
         target,

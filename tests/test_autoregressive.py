@@ -14,7 +14,7 @@ from helpers import perturb
 
 
 def test_identity_at_init():
-    layer = Autoregressive("affine", 5, (16,), context_features=2)
+    layer = Autoregressive("affine", 5, (16,), context=2)
     x, c = torch.randn(4, 5), torch.randn(4, 2)
     z, ladj = layer(x, c)
     assert torch.equal(z, x) and torch.equal(ladj, torch.zeros(4))
@@ -73,7 +73,7 @@ def test_maf_sampling_and_iaf_density_agree_with_fast_directions(context):
 def test_gradients_through_the_sequential_inverse():
     """The D-pass inverse differentiates correctly: gradcheck w.r.t. the input, and a
     central finite difference w.r.t. one MADE weight (float64)."""
-    layer = Autoregressive("affine", 3, (8,), context_features=1, activation="tanh").double()
+    layer = Autoregressive("affine", 3, (8,), context=1, activation="tanh").double()
     perturb(layer)
     z = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     c = torch.randn(2, 1, dtype=torch.float64)

@@ -83,7 +83,7 @@ def _vector_flow(context: int = 0):
 
 def _image_flow():
     torch.manual_seed(0)
-    return MODELS["glow"]((1, 8, 8), levels=2, depth=1, hidden_channels=8)
+    return MODELS["glow"]((1, 8, 8), levels=2, transforms=1, hidden=8)
 
 
 def make_workdir(root: Path) -> None:

@@ -393,7 +393,7 @@ def test_bad_configuration_is_rejected():
 
 
 def test_bad_inputs_are_rejected():
-    cnf = CNF(TimeMLP(2, (4,), context_features=1))
+    cnf = CNF(TimeMLP(2, (4,), context=1))
     with pytest.raises(ShapeError, match=r"\(\*batch, 2\)"):
         cnf(torch.randn(3, 4))
     with pytest.raises(ContextError, match="no context"):

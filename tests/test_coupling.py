@@ -41,7 +41,7 @@ def test_masks():
 
 @pytest.mark.parametrize("map", ["additive", "affine"])
 def test_identity_at_init(map):
-    layer = Coupling(map, alternating_mask(6), (16,), context_features=2)
+    layer = Coupling(map, alternating_mask(6), (16,), context=2)
     x, c = torch.randn(10, 6), torch.randn(10, 2)
     z, ladj = layer(x, c)
     assert torch.equal(z, x)
@@ -81,7 +81,7 @@ def test_log_scale_is_bounded_so_deep_stacks_stay_finite():
 
 
 def test_context_only_one_dimensional_coupling():
-    layer = Coupling("affine", torch.zeros(1, dtype=torch.bool), (8,), context_features=2)
+    layer = Coupling("affine", torch.zeros(1, dtype=torch.bool), (8,), context=2)
     perturb(layer, 0.5)
     x, c = torch.randn(6, 1), torch.randn(6, 2)
     z1, l1 = layer(x, c)

@@ -138,7 +138,7 @@ def _zoo(name: str):
         "iaf": lambda: models.IAF(ZOO_D, transforms=3, hidden=(32,)),
         "nsf": lambda: models.NSF(ZOO_D, transforms=2, hidden=(32,)),
         "nsf-coupling": lambda: models.NSF(ZOO_D, transforms=2, hidden=(32,), autoregressive=False),
-        "glow": lambda: models.Glow((1, 4, 4), levels=2, depth=2, hidden_channels=8),
+        "glow": lambda: models.Glow((1, 4, 4), levels=2, transforms=2, hidden=8),
         # continuous flows export as the same fixed-step solve the PyTorch model runs
         "ffjord": lambda: models.FFJORD(ZOO_D, hidden=(16,), solver="rk4", steps=2),
         "cfm": lambda: models.CFM(ZOO_D, hidden=(16, 16), solver="rk4", steps=3),

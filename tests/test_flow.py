@@ -107,7 +107,7 @@ def test_distribution_view_interop():
 
 def test_conditional_base_and_context_broadcast():
     torch.manual_seed(0)
-    base = ConditionalGaussian(2, context_features=3, hidden=(8,))
+    base = ConditionalGaussian(2, context=3, hidden=(8,))
     with torch.no_grad():
         for p in base.parameters():
             p.add_(0.5 * torch.randn_like(p))

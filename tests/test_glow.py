@@ -29,14 +29,15 @@ def _initialised(flow, x):
 
 
 def test_models_registered():
-    assert MODELS["glow"] is Glow and MODELS["realnvp-image"] is RealNVPImage
+    assert MODELS["glow"].builder is Glow and MODELS["realnvp-image"].builder is RealNVPImage
+    assert MODELS["glow"].input == MODELS["realnvp-image"].input == "image"
 
 
 def test_glow_log_prob_is_the_sum_of_its_parts():
     """Walk a 2-level Glow by hand: step log-dets + Gaussian prior of the factored half +
     learned top prior must equal ``flow.log_prob``."""
     torch.manual_seed(0)
-    flow = Glow((1, 4, 4), levels=2, depth=1, hidden_channels=4).double()
+    flow = Glow((1, 4, 4), levels=2, transforms=1, hidden=4).double()
     x = torch.randn(5, 1, 4, 4, dtype=torch.float64)
     _initialised(flow, x)
     t = flow.transform
@@ -64,7 +65,7 @@ def test_glow_log_prob_is_the_sum_of_its_parts():
 @pytest.mark.parametrize("shape", [(1, 4, 4), (3, 8, 8)])
 def test_glow_transform_certified(shape):
     torch.manual_seed(1)
-    flow = Glow(shape, levels=2, depth=1, hidden_channels=4).double()
+    flow = Glow(shape, levels=2, transforms=1, hidden=4).double()
     x = torch.randn(4, *shape, dtype=torch.float64)
     _initialised(flow, x)
     report = check_transform(flow.transform, x, jacobian_samples=1)
@@ -73,15 +74,14 @@ def test_glow_transform_certified(shape):
 
 @pytest.mark.parametrize("builder", [Glow, RealNVPImage])
 def test_spline_coupling_args_reach_every_coupling(builder):
-    """``coupling_args`` configure a map given by name (here 4-bin splines), the flow is
+    """``map_kwargs`` configure a map given by name (here 4-bin splines), the flow is
     still certified, and the arguments are refused with a map instance or as a non-dict."""
     from exactflow.transforms.image import ConvCoupling
     from exactflow.transforms.splines import RationalQuadraticSpline
 
     torch.manual_seed(4)
-    kw = {"levels": 2, "hidden_channels": 4}
-    kw.update({"depth": 1} if builder is Glow else {"couplings": 1})
-    flow = builder((1, 4, 4), coupling="rq-spline", coupling_args={"bins": 4}, **kw).double()
+    kw = {"levels": 2, "hidden": 4, "transforms": 1}
+    flow = builder((1, 4, 4), map="rq-spline", map_kwargs={"bins": 4}, **kw).double()
     maps = [m.map for m in flow.modules() if isinstance(m, ConvCoupling)]
     assert maps and all(isinstance(m, RationalQuadraticSpline) for m in maps)
     assert {m.num_params for m in maps} == {3 * 4 - 1}
@@ -89,15 +89,15 @@ def test_spline_coupling_args_reach_every_coupling(builder):
     _initialised(flow, x)
     report = check_transform(flow.transform, x, jacobian_samples=1)
     assert report.passed, str(report)
-    with pytest.raises(ValueError, match="coupling_args apply only"):
-        builder((1, 4, 4), coupling=RationalQuadraticSpline(), coupling_args={"bins": 4}, **kw)
-    with pytest.raises(TypeError, match="coupling_args must be a dict"):
-        builder((1, 4, 4), coupling="rq-spline", coupling_args=[4], **kw)
+    with pytest.raises(ConfigError, match="map_kwargs apply only"):
+        builder((1, 4, 4), map=RationalQuadraticSpline(), map_kwargs={"bins": 4}, **kw)
+    with pytest.raises(TypeError, match="map_kwargs must be a dict"):
+        builder((1, 4, 4), map="rq-spline", map_kwargs=[4], **kw)
 
 
 def test_realnvp_image_certified_and_conditional():
     torch.manual_seed(2)
-    flow = RealNVPImage((1, 4, 4), levels=2, couplings=1, hidden_channels=4, context=3).double()
+    flow = RealNVPImage((1, 4, 4), levels=2, transforms=1, hidden=4, context=3).double()
     x = torch.randn(4, 1, 4, 4, dtype=torch.float64)
     c = torch.randn(4, 3, dtype=torch.float64)
     with torch.no_grad():
@@ -111,7 +111,7 @@ def test_realnvp_image_certified_and_conditional():
 def test_bits_per_dim_in_pixel_space():
     """pixel_flow adds the logit pre-processing log-det by hand-checkable amounts."""
     torch.manual_seed(3)
-    model = Glow((1, 4, 4), levels=1, depth=1, hidden_channels=4)
+    model = Glow((1, 4, 4), levels=1, transforms=1, hidden=4)
     flow = pixel_flow(model, levels=17, alpha=0.05)
     y = torch.randint(0, 17, (6, 1, 4, 4)).float() + torch.rand(6, 1, 4, 4)
     flow.log_prob(y)  # ActNorm init
@@ -128,7 +128,7 @@ def test_bits_per_dim_in_pixel_space():
 
 def test_sampling_with_temperature():
     torch.manual_seed(4)
-    flow = Glow((1, 8, 8), levels=2, depth=1, hidden_channels=8)
+    flow = Glow((1, 8, 8), levels=2, transforms=1, hidden=8)
     data = torch.randn(64, 1, 8, 8) * 2 + 1
     _initialised(flow, data)
     g = torch.Generator().manual_seed(0)
@@ -149,7 +149,7 @@ def test_sampling_with_temperature():
 
 def test_class_conditional_glow():
     torch.manual_seed(5)
-    flow = Glow((1, 8, 8), levels=2, depth=1, hidden_channels=8, context=10)
+    flow = Glow((1, 8, 8), levels=2, transforms=1, hidden=8, context=10)
     x = torch.randn(6, 1, 8, 8)
     labels = torch.nn.functional.one_hot(torch.arange(6) % 10, 10).float()
     with torch.no_grad():
@@ -164,7 +164,7 @@ def test_class_conditional_glow():
 
 def test_export_form_keeps_the_density():
     torch.manual_seed(6)
-    flow = Glow((1, 8, 8), levels=2, depth=1, hidden_channels=8)
+    flow = Glow((1, 8, 8), levels=2, transforms=1, hidden=8)
     x = torch.randn(4, 1, 8, 8)
     _initialised(flow, x)
     frozen = export_form(flow)
@@ -176,8 +176,8 @@ def test_builder_errors():
         Glow((1, 28, 28), levels=3)
     with pytest.raises(ConfigError, match="levels must be >= 1"):
         Glow((1, 8, 8), levels=0)
-    with pytest.raises(TypeError, match="depth must be an int"):
-        Glow((1, 8, 8), depth=2.5)
+    with pytest.raises(TypeError, match="transforms must be an int"):
+        Glow((1, 8, 8), transforms=2.5)
     with pytest.raises(ConfigError, match="divisible by 4"):
         RealNVPImage((1, 6, 6), levels=3)
     with pytest.raises(ValueError, match="C, H, W"):
@@ -210,7 +210,7 @@ def test_short_training_improves_bits_per_dim(dequantization):
     train, test = _digits()
     kwargs = {"depth": 1, "hidden_channels": 8} if dequantization == "variational" else {}
     flow = pixel_flow(
-        Glow((1, 8, 8), levels=2, depth=1, hidden_channels=16), 17, dequantization, **kwargs
+        Glow((1, 8, 8), levels=2, transforms=1, hidden=16), 17, dequantization, **kwargs
     )
     flow.validate = False
     g = torch.Generator().manual_seed(1)
@@ -238,7 +238,7 @@ def test_dequantization_choice_reaches_the_training_runner():
     from exactflow.transforms.dequantization import VariationalDequantization
 
     dataset = load_dataset("digits_image", seed=0)
-    args = {"levels": 1, "depth": 1, "hidden_channels": 4}
+    args = {"levels": 1, "transforms": 1, "hidden": 4}
     for kind, first in (("uniform", LogitPreprocess), ("variational", VariationalDequantization)):
         flow, event_shape = build_flow(
             "glow", {**args, "dequantization": kind}, dataset.meta(), dataset
@@ -248,6 +248,6 @@ def test_dequantization_choice_reaches_the_training_runner():
         assert torch.isfinite(flow.log_prob(y)).all()
     with pytest.raises(ConfigError, match="unknown dequantization"):
         Glow((1, 8, 8), dequantization="gaussian")
-    model = Glow((1, 8, 8), levels=1, depth=1, dequantization="variational")
+    model = Glow((1, 8, 8), levels=1, transforms=1, dequantization="variational")
     with pytest.raises(ConfigError, match="discrete pixel data"):
         model.with_preprocessing(LogitPreprocess(17, event_dim=3).inv)

@@ -140,7 +140,7 @@ def test_conv_coupling_errors():
         ConvCoupling((1, 4, 4), "channel")
     with pytest.raises(ValueError, match="mask must be one of"):
         ConvCoupling((2, 4, 4), "stripes")
-    layer = ConvCoupling((2, 4, 4), "channel", context_features=3)
+    layer = ConvCoupling((2, 4, 4), "channel", context=3)
     with pytest.raises(ValueError, match="context"):
         layer(torch.randn(2, 2, 4, 4))
 
@@ -177,7 +177,7 @@ def test_factor_out_and_prior_errors():
         FactorOut((2, 4, 4), prior="laplace")
     with pytest.raises(TypeError, match="inner must be a Transform"):
         FactorOut((2, 4, 4), inner=torch.nn.Linear(2, 2))
-    prior = LearnedPrior((2, 4, 4), context_features=3)
+    prior = LearnedPrior((2, 4, 4), context=3)
     with pytest.raises(ValueError, match="no context"):
         prior(torch.randn(1, 2, 4, 4))
 
@@ -239,10 +239,10 @@ def test_dequantizer_selection():
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: ConvCoupling((3, 8, 8), "checkerboard", hidden_channels=4, context_features=2),
-        lambda: ConvCoupling((3, 8, 8), "channel", True, hidden_channels=4, context_features=2),
+        lambda: ConvCoupling((3, 8, 8), "checkerboard", hidden_channels=4, context=2),
+        lambda: ConvCoupling((3, 8, 8), "channel", True, hidden_channels=4, context=2),
         lambda: FactorOut(
-            (3, 8, 8), ConvCoupling((2, 8, 8), "channel", hidden_channels=4), context_features=2
+            (3, 8, 8), ConvCoupling((2, 8, 8), "channel", hidden_channels=4), context=2
         ),
         lambda: VariationalDequantization((3, 8, 8), levels=4, depth=2, hidden_channels=4),
     ],

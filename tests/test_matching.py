@@ -189,14 +189,14 @@ def test_ot_pairing_lowers_the_transport_cost():
 
 def test_builders_registered_and_identity_at_init():
     for name, builder in (("cfm", CFM), ("otcfm", OTCFM), ("rectified", RectifiedFlow)):
-        assert MODELS[name] is builder
+        assert MODELS[name].builder is builder and MODELS[name].continuous
         flow = builder(2, hidden=(16,))
         assert isinstance(flow, MatchingFlow)
         x = torch.randn(5, 2)
         want = StandardNormal((2,)).log_prob(x)
         torch.testing.assert_close(flow.log_prob(x), want)
     assert isinstance(OTCFM(2).pairing, OTPairing)
-    assert CFM(2, sigma_min=0.2).path.sigma_min == 0.2
+    assert CFM(2, sigma=0.2).path.sigma_min == 0.2
 
 
 def test_solver_overrides_count_steps_and_restore():
@@ -239,7 +239,7 @@ def test_solver_overrides_count_steps_and_restore():
 
 def test_velocity_mlp_takes_per_row_times_and_context():
     torch.manual_seed(0)
-    v = VelocityMLP(2, (8,), context_features=3)
+    v = VelocityMLP(2, (8,), context=3)
     with torch.no_grad():
         for p in v.parameters():
             p.add_(0.3 * torch.randn_like(p))

@@ -1,6 +1,11 @@
-"""Model builders: every MODELS entry builds, conditions on a context, starts where it should;
-the RealNVP "boss battle" (float32 round trip on 10k points, O(D) log-det, exact density
-decomposition); short seeded training runs reaching test-NLL thresholds on 2-D toys."""
+"""The discrete vector builders (coupling, autoregressive, planar/radial): each builds,
+conditions on a context, round-trips and starts where it should; the RealNVP "boss battle"
+(float32 round trip on 10k points, O(D) log-det, exact density decomposition); short seeded
+training runs reaching test-NLL thresholds on 2-D toys.
+
+The contract over *every* MODELS entry (ODE and image models included: log_prob, sampling,
+check_flow, state_dict, context, keyword-only arguments, deprecated names) is
+tests/test_models_contract.py."""
 
 from __future__ import annotations
 
@@ -12,11 +17,15 @@ import torch
 import exactflow as ef
 from exactflow.data.toy import eight_gaussians, moons
 from exactflow.errors import ConfigError, ContextError
-from exactflow.models import IAF, MAF, MODELS, NICE, NSF, Planar, Radial, RealNVP
+from exactflow.models import IAF, MAF, MODELS, NICE, NSF, PlanarFlow, RadialFlow, RealNVP
 
 SMALL = {"transforms": 2, "hidden": (16,)}
-# the discrete families this file covers (other entries of MODELS are tested elsewhere)
-NAMES = ["iaf", "maf", "nice", "nsf", "nsf-coupling", "planar", "radial", "realnvp"]
+# the discrete vector families: every entry that is neither an ODE nor an image model
+NAMES = sorted(n for n, s in MODELS.items() if not s.continuous and s.input == "vector")
+
+
+def test_names_are_the_eight_discrete_vector_families():
+    assert NAMES == ["iaf", "maf", "nice", "nsf", "nsf-coupling", "planar", "radial", "realnvp"]
 
 
 def _build(name, features, context=0):
@@ -62,7 +71,7 @@ def test_models_start_as_the_standard_normal(name):
 
 def test_planar_for_sampling_has_a_consistent_density():
     torch.manual_seed(0)
-    for builder in (Planar, Radial):
+    for builder in (PlanarFlow, RadialFlow):
         flow = builder(3, transforms=4, for_sampling=True)
         x, log_p = flow.sample_and_log_prob(64, generator=torch.Generator().manual_seed(1))
         torch.testing.assert_close(flow.log_prob(x.detach()), log_p.detach(), atol=1e-4, rtol=0)
@@ -70,7 +79,7 @@ def test_planar_for_sampling_has_a_consistent_density():
 
 def test_realnvp_with_batch_norm_trains_and_inverts_in_eval_mode():
     torch.manual_seed(0)
-    flow = RealNVP(3, transforms=3, hidden=(16,), batch_norm=True)
+    flow = RealNVP(3, transforms=3, hidden=(16,), norm="batchnorm")
     opt = torch.optim.Adam(flow.parameters(), lr=1e-2)
     x = torch.randn(128, 3) * 2.0 + 1.0
     for _ in range(5):

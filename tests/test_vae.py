@@ -58,7 +58,7 @@ def test_amortised_planar_is_the_inverse_planar_layer():
 @pytest.mark.parametrize("posterior", ["gaussian", "iaf", "planar"])
 def test_bounds_order_and_shapes(posterior):
     torch.manual_seed(0)
-    model = FlowVAE(64, latent=4, hidden=32, posterior=posterior, flow_layers=2, context=8)
+    model = FlowVAE(64, latent=4, hidden=32, posterior=posterior, transforms=2, context=8)
     x = torch.bernoulli(torch.full((6, 64), 0.3), generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(2)
     lw = model.log_weights(x, k=50, generator=g)
@@ -79,7 +79,7 @@ def test_flow_vae_tiny_run_improves_its_bound():
     assert data["name"] == "digits" and data["train"].shape[1] == 64
     train, test = data["train"][:512], data["test"][:200]
     torch.manual_seed(0)
-    model = FlowVAE(64, latent=4, hidden=64, posterior="iaf", flow_layers=2, context=16)
+    model = FlowVAE(64, latent=4, hidden=64, posterior="iaf", transforms=2, context=16)
     before = evaluate_vae(model, test, k=16)
     res = train_vae(model, train, test, steps=150, batch_size=64, lr=3e-3, k_eval=16)
     assert res.iw > before.iw + 10.0  # nats per 64-pixel image
@@ -101,7 +101,7 @@ def test_flow_prior_and_bad_options():
 @pytest.mark.parametrize("posterior", ["iaf", "planar"])
 def test_posterior_density_is_the_exact_change_of_variables(posterior):
     torch.manual_seed(0)
-    model = FlowVAE(64, latent=3, hidden=16, posterior=posterior, flow_layers=2, context=8)
+    model = FlowVAE(64, latent=3, hidden=16, posterior=posterior, transforms=2, context=8)
     model = model.double()
     with torch.no_grad():
         for p in model.q.parameters():

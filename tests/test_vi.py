@@ -6,7 +6,7 @@ import torch
 
 from exactflow.distributions import DiagGaussian, StandardNormal
 from exactflow.errors import ConfigError, ContextError, ShapeError
-from exactflow.models import IAF, NSF, Planar, Radial
+from exactflow.models import IAF, NSF, PlanarFlow, RadialFlow
 from exactflow.transforms import Inverse
 from exactflow.transforms import Planar as PlanarLayer
 from exactflow.vi import (
@@ -84,7 +84,7 @@ def test_planar_vi_on_u1_covers_both_lobes_and_stays_a_lower_bound():
     # 0% of samples right of the axis; gaps 0.84, 0.92, 0.76)
     log_z = log_z_grid("U1", lim=6.0, n=601)
     torch.manual_seed(0)
-    flow = learnable_base(Planar(2, transforms=16, for_sampling=True))
+    flow = learnable_base(PlanarFlow(2, transforms=16, for_sampling=True))
     g = torch.Generator().manual_seed(3)
     before = evaluate_vi(flow, "U1", n=20000, generator=g)
     res = fit_vi(
@@ -101,8 +101,8 @@ def test_planar_vi_on_u1_covers_both_lobes_and_stays_a_lower_bound():
 @pytest.mark.parametrize(
     "build",
     [
-        lambda: Planar(2, 4, for_sampling=True),
-        lambda: Radial(2, 4, for_sampling=True),
+        lambda: PlanarFlow(2, transforms=4, for_sampling=True),
+        lambda: RadialFlow(2, transforms=4, for_sampling=True),
         lambda: IAF(2, transforms=2, hidden=(8,)),
         lambda: NSF(2, transforms=1, hidden=(8,)),
     ],
@@ -121,7 +121,7 @@ def test_each_flow_family_trains_as_q(build, tmp_path):
 
 
 def test_bad_arguments_and_plot(tmp_path):
-    flow = Planar(2, 2, for_sampling=True)
+    flow = PlanarFlow(2, transforms=2, for_sampling=True)
     with pytest.raises(ConfigError, match="unknown target 'U5'"):
         fit_vi(flow, "U5")
     with pytest.raises(ConfigError, match="steps must be an int >= 1, got 0"):
@@ -146,7 +146,7 @@ def test_fresh_planar_stack_starts_near_the_identity():
     # the paper's m(a) = -1 + softplus(a) gives w.u_hat = -0.31 at init: 32 layers would
     # start q at log-det ~ 32 log(0.69) = -12 (and collapse VI onto one mode of U1)
     torch.manual_seed(0)
-    flow = Planar(2, 32, for_sampling=True)
+    flow = PlanarFlow(2, transforms=32, for_sampling=True)
     z, log_q = flow.sample_and_log_prob(2000, generator=torch.Generator().manual_seed(0))
     log_base = StandardNormal((2,)).log_prob(z)
     assert (log_q - log_base).abs().mean() < 0.5
@@ -154,7 +154,7 @@ def test_fresh_planar_stack_starts_near_the_identity():
 
 def test_learnable_base_keeps_the_transform_and_starts_at_the_same_q():
     torch.manual_seed(0)
-    flow = Planar(2, 4, for_sampling=True)
+    flow = PlanarFlow(2, transforms=4, for_sampling=True)
     q = learnable_base(flow)
     assert isinstance(q.base, DiagGaussian) and q.transform is flow.transform
     z = torch.randn(50, 2)
@@ -165,12 +165,12 @@ def test_learnable_base_keeps_the_transform_and_starts_at_the_same_q():
     with pytest.raises(TypeError, match="exactflow Flow"):
         learnable_base(flow.transform)
     with pytest.raises(ConfigError, match="unconditional"):
-        learnable_base(Planar(2, 2, context=3))
+        learnable_base(PlanarFlow(2, transforms=2, context=3))
 
 
 def test_amortised_planar_starts_context_free_then_depends_on_context():
     torch.manual_seed(0)
-    layer = Inverse(PlanarLayer(2, context_features=3))
+    layer = Inverse(PlanarLayer(2, context=3))
     plain = Inverse(PlanarLayer(2))
     plain.load_state_dict({k: v for k, v in layer.state_dict().items() if "amortise" not in k})
     z, c = torch.randn(6, 2), torch.randn(6, 3)
@@ -186,8 +186,8 @@ def test_amortised_planar_starts_context_free_then_depends_on_context():
         layer(z)
     with pytest.raises(ContextError, match="got \\(6, 2\\)"):
         layer(z, c[:, :2])
-    with pytest.raises(ValueError, match="context_features must be >= 0"):
-        PlanarLayer(2, context_features=-1)
+    with pytest.raises(ValueError, match="context must be >= 0"):
+        PlanarLayer(2, context=-1)
 
 
 # issue 8's acceptance point at the configuration of benchmarks/vi.py (seed 0); measured gaps
@@ -196,7 +196,7 @@ ACCEPTANCE = {
     # 15 000 steps with beta annealed over 5 000: at 3 000 / 1 000 the planar flow stopped
     # 0.10-0.26 nats short on U3/U4 for seeds 0-2 (docs/guide/vi.md)
     "planar": (
-        lambda: Planar(2, 32, for_sampling=True),
+        lambda: PlanarFlow(2, transforms=32, for_sampling=True),
         {"steps": 15000, "lr": 5e-3, "anneal": 5000},
     ),
     # knot-derivative factors in (0.5, 2) instead of the density-estimation default (0.5, 4):

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 # Subpackages with optional dependencies (scikit-learn, safetensors, onnx, ...) load on first use,
 # so `import exactflow` needs only torch and numpy.
-_LAZY = ("anomaly", "continuous", "data", "export", "plotting", "train", "vae", "vi")
+_LAZY = ("anomaly", "continuous", "data", "export", "plotting", "sbi", "train", "vae", "vi")
 
 
 def __getattr__(name: str):
@@ -22,6 +22,11 @@ def __getattr__(name: str):
 
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'exactflow' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The module's names and the lazily loaded subpackages (so tab completion finds them)."""
+    return sorted({*globals(), *_LAZY})
 
 
 __all__ = [

@@ -18,6 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._compat import renamed_kwargs
+from .errors import ConfigError, ContextError, ShapeError
+
 __all__ = [
     "BaseDistribution",
     "ConditionalGaussian",
@@ -34,7 +37,7 @@ def _event_shape(shape) -> tuple[int, ...]:
         shape = (shape,)
     shape = tuple(int(s) for s in shape)
     if any(s < 1 for s in shape):
-        raise ValueError(f"event_shape must have positive sizes, got {shape}")
+        raise ShapeError(f"event_shape must have positive sizes, got {shape}")
     return shape
 
 
@@ -121,7 +124,7 @@ class GaussianMixture(BaseDistribution):
     def __init__(self, features: int, components: int = 8, spread: float = 2.0):
         super().__init__((features,))
         if components < 1:
-            raise ValueError(f"components must be >= 1, got {components}")
+            raise ConfigError(f"components must be >= 1, got {components}")
         self.logits = nn.Parameter(torch.zeros(components))
         self.loc = nn.Parameter(spread * torch.randn(components, features))
         self.log_scale = nn.Parameter(torch.zeros(components, features))
@@ -148,17 +151,18 @@ class ConditionalGaussian(BaseDistribution):
 
     Args:
         features: D.
-        context_features: C, the context size.
+        context: C, the context size.
         hidden: widths of the hidden layers.
     """
 
-    def __init__(self, features: int, context_features: int, hidden: Sequence[int] = (64,)):
+    @renamed_kwargs(context_features="context")
+    def __init__(self, features: int, context: int, hidden: Sequence[int] = (64,)):
         super().__init__((features,))
-        if context_features < 1:
-            raise ValueError(f"context_features must be >= 1, got {context_features}")
-        self.context_features = int(context_features)
+        if context < 1:
+            raise ConfigError(f"context must be >= 1, got {context}")
+        self.context_features = int(context)
         layers: list[nn.Module] = []
-        width = context_features
+        width = context
         for h in hidden:
             layers += [nn.Linear(width, h), nn.SiLU()]
             width = h
@@ -169,7 +173,7 @@ class ConditionalGaussian(BaseDistribution):
 
     def _params(self, context: Tensor | None) -> tuple[Tensor, Tensor]:
         if context is None:
-            raise ValueError("ConditionalGaussian needs a context tensor, got None")
+            raise ContextError("ConditionalGaussian needs a context tensor, got None")
         loc, log_scale = self.net(context).chunk(2, dim=-1)
         return loc, log_scale.clamp(-10.0, 10.0)
 

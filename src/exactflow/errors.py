@@ -32,6 +32,11 @@ class ConfigError(ExactflowError, ValueError):
     """An unknown name, option or configuration key."""
 
 
+class ArgumentError(ExactflowError, TypeError):
+    """A call passed arguments in a form the function does not take, e.g. a builder's
+    keyword-only options positionally, or an old keyword together with its new name."""
+
+
 class DataError(ExactflowError, ValueError):
     """A data file is missing, unreadable, ragged or contains non-finite values."""
 

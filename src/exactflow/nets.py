@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import ConfigError, ContextError, ShapeError
+from .errors import ConfigError, ContextError, DTypeError, ShapeError
 
 __all__ = ["MADE", "MLP", "ResidualMLP", "made_degrees"]
 
@@ -38,12 +38,12 @@ def _activation(spec: str | Callable[[], nn.Module]) -> Callable[[], nn.Module]:
         return ACTIVATIONS[spec]
     if callable(spec):
         return spec
-    raise TypeError(f"activation must be a name or a module factory, got {type(spec).__name__}")
+    raise DTypeError(f"activation must be a name or a module factory, got {type(spec).__name__}")
 
 
 def _count(value, name: str, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}")
     return value
 
 
@@ -51,7 +51,9 @@ def _widths(hidden) -> tuple[int, ...]:
     if isinstance(hidden, int):
         hidden = (hidden,)
     if not isinstance(hidden, Sequence):
-        raise TypeError(f"hidden must be an int or a sequence of ints, got {type(hidden).__name__}")
+        raise DTypeError(
+            f"hidden must be an int or a sequence of ints, got {type(hidden).__name__}"
+        )
     return tuple(_count(h, "each hidden width", 1) for h in hidden)
 
 
@@ -171,7 +173,7 @@ class ResidualMLP(nn.Module):
         self.context_features = _count(context, "context")
         hidden = _count(hidden, "hidden", 1)
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+            raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
         act = _activation(activation)
         self.inp = _dense(self.in_features + self.context_features, hidden)
         self.blocks = nn.Sequential(
@@ -243,10 +245,10 @@ class MADE(nn.Module):
         self.context_features = _count(context, "context")
         hidden = _widths(hidden)
         if not hidden:
-            raise ValueError("MADE needs at least one hidden layer")
+            raise ConfigError("MADE needs at least one hidden layer")
         order = torch.arange(d) if order is None else torch.as_tensor(order).long()
         if order.dim() != 1 or sorted(order.tolist()) != list(range(d)):
-            raise ValueError(f"order must be a permutation of range({d}), got {order.tolist()}")
+            raise ConfigError(f"order must be a permutation of range({d}), got {order.tolist()}")
         self.register_buffer("order", order)
         deg_in, deg_hidden = made_degrees(order, hidden, self.context_features > 0)
 

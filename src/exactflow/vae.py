@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._compat import renamed_kwargs
 from .distributions import ConditionalGaussian, StandardNormal
 from .errors import ConfigError, ShapeError
 from .flow import Flow
@@ -57,15 +58,16 @@ class AmortisedPlanar(Inverse):
 
     Args:
         features: D.
-        context_features: C (>= 1: the layer is amortised).
+        context: C (>= 1: the layer is amortised); ``context_features=`` is deprecated.
         bisection_steps: iterations of the forward's bracketing search.
     """
 
-    def __init__(self, features: int, context_features: int, bisection_steps: int = 60):
+    @renamed_kwargs(context_features="context")
+    def __init__(self, features: int, context: int, bisection_steps: int = 60):
         features = check_count(features, "features", minimum=1)
-        context_features = check_count(context_features, "context_features", minimum=1)
+        context = check_count(context, "context", minimum=1)
         steps = check_count(bisection_steps, "bisection_steps", minimum=1)
-        planar = Planar(features, context_features, steps)
+        planar = Planar(features, context, steps)
         with torch.no_grad():
             planar.u.zero_()
         super().__init__(planar)
@@ -92,19 +94,21 @@ class FlowVAE(nn.Module):
         latent: latent size.
         hidden: width of the two hidden layers of the encoder and of the decoder.
         posterior: ``"gaussian"`` (plain diagonal VAE), ``"iaf"`` or ``"planar"``.
-        flow_layers: posterior flow layers (ignored for ``"gaussian"``).
+        transforms: posterior flow layers (ignored for ``"gaussian"``); ``flow_layers=`` is
+            deprecated.
         context: size of the encoder features ``h(x)`` fed to the posterior.
         prior: ``"standard"`` (N(0, I)) or ``"flow"`` (a MAF over the latent).
         prior_layers: MAF layers of a flow prior.
     """
 
+    @renamed_kwargs(flow_layers="transforms")
     def __init__(
         self,
         data_dim: int,
         latent: int = 16,
         hidden: int = 256,
         posterior: str = "iaf",
-        flow_layers: int = 4,
+        transforms: int = 4,
         context: int = 64,
         prior: str = "standard",
         prior_layers: int = 2,
@@ -117,7 +121,7 @@ class FlowVAE(nn.Module):
         for name, v in (("data_dim", data_dim), ("latent", latent), ("hidden", hidden)):
             check_count(v, name, minimum=1)
         check_count(context, "context", minimum=1)
-        check_count(flow_layers, "flow_layers")  # 0: a plain VAE posterior
+        check_count(transforms, "transforms")  # 0: a plain VAE posterior
         check_count(prior_layers, "prior_layers", minimum=1)
         self.data_dim, self.latent = int(data_dim), int(latent)
         self.posterior_kind, self.prior_kind = posterior, prior
@@ -128,11 +132,11 @@ class FlowVAE(nn.Module):
 
             layers = list(
                 IAF(
-                    latent, transforms=flow_layers, hidden=(hidden,), context=context
+                    latent, transforms=transforms, hidden=(hidden,), context=context
                 ).transform.transforms
             )
         elif posterior == "planar":
-            layers = [AmortisedPlanar(latent, context) for _ in range(flow_layers)]
+            layers = [AmortisedPlanar(latent, context) for _ in range(transforms)]
         # the base is the usual amortised diagonal Gaussian; with no layers this is a plain VAE
         base = ConditionalGaussian(latent, context, hidden=())
         # start the posterior narrow so early decoder gradients are informative

@@ -4,10 +4,10 @@ For a target ``p(z) = p~(z) / Z`` known up to ``Z``, minimising
 ``KL(q || p) = E_q[log q(z) - log p~(z)] + log Z`` over the flow's parameters maximises the
 evidence lower bound ``ELBO = E_q[log p~(z) - log q(z)] <= log Z``. The expectation uses
 reparameterised samples from :meth:`exactflow.Flow.sample_and_log_prob`, so the flow must be
-cheap in its sampling direction (``Planar(..., for_sampling=True)``, ``Radial(...,
+cheap in its sampling direction (``PlanarFlow(..., for_sampling=True)``, ``RadialFlow(...,
 for_sampling=True)``, ``IAF``, or a 2-D ``NSF``/``MAF`` whose inversion takes D passes).
 
-    flow = learnable_base(exactflow.models.Planar(2, 32, for_sampling=True))
+    flow = learnable_base(exactflow.models.PlanarFlow(2, transforms=32, for_sampling=True))
     result = fit_vi(flow, "U1", steps=3000, lr=5e-3, warmup=100, anneal=1000)
     result.elbo, result.log_z, result.log_z_se       # ELBO <= log Z, IS estimate of log Z
     log_z_grid(TARGETS["U1"])                         # reference by quadrature (2-D)

@@ -17,7 +17,6 @@ logit) as its first transform, so every NLL is in the original data space.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import math
 import re
@@ -72,7 +71,6 @@ OUTPUT_FILES = (
     "density.png",
     "samples.png",
 )
-_SHAPE_PARAMS = ("shape", "in_shape", "image_shape", "input_shape")
 
 
 def _models() -> dict[str, Any]:
@@ -82,7 +80,8 @@ def _models() -> dict[str, Any]:
 
 
 def resolve_model(name: str):
-    """The builder registered as ``name`` (case-insensitive) in :data:`exactflow.models.MODELS`."""
+    """The :class:`~exactflow.models.ModelSpec` registered as ``name`` (case-insensitive) in
+    :data:`exactflow.models.MODELS`; it is called like its builder."""
     models = _models()
     key = name.lower()
     if key not in models:
@@ -90,59 +89,70 @@ def resolve_model(name: str):
     return models[key]
 
 
+def data_kind(data: str) -> str | None:
+    """The kind of a data set name or file path, one of
+    :data:`exactflow.models.DATA_KINDS` (``"toy"``, ``"tabular"``, ``"image"``), else ``None``.
+
+    scikit-learn's ``digits`` counts as image data (discrete pixels), whatever its layout."""
+    from ..data import IMAGES, TABULAR, TOY
+
+    if data in TOY:
+        return "toy"
+    if data == "digits" or data in IMAGES:
+        return "image"
+    if data in TABULAR or Path(data).suffix.lower() in (".npy", ".csv"):
+        return "tabular"
+    return None
+
+
 def default_config(data: str = "moons", model: str = "nsf") -> RunConfig:
     """Defaults chosen per data set so a plain ``exactflow train --data X`` is sensible.
 
     * 2-D toys: NSF 5 x (128, 128), 1,000 steps at batch 256 (under a minute on 2 cores).
-    * small tables (breast_cancer, iris, user files): a smaller model (3 x (64, 64)), weight
-      decay, EMA, validation from step 0 and early stopping, so 400-row sets do not overfit
-      to a useless test NLL. The data are whitened with the training covariance, so the
-      identity-initialised flow *is* the full-covariance Gaussian fit and the best-on-
-      validation weights start from it; NSF models, whose LU-linear layers learn the
-      correlations themselves, get per-feature standardisation instead (measured better on
-      breast_cancer for NSF in all of 3 seeds; whitening is better for MAF and RealNVP).
+    * small tables (breast_cancer, iris, user files): weight decay, EMA, validation from
+      step 0 and early stopping, so 400-row sets do not overfit to a useless test NLL. The
+      data are whitened with the training covariance, so the identity-initialised flow *is*
+      the full-covariance Gaussian fit and the best-on-validation weights start from it.
     * digits / images: dequantisation + logit handled by the data set; strong AdamW weight
       decay against overfitting the ~1,200 training images.
+
+    The model's own defaults for the data kind (:func:`data_kind`) come from its
+    :class:`~exactflow.models.ModelSpec`: e.g. the coupling and autoregressive models take a
+    smaller size (3 x (64, 64)) on tables, and NSF models, whose LU-linear layers learn the
+    correlations themselves, per-feature standardisation instead of whitening (measured
+    better on breast_cancer for NSF in all of 3 seeds; whitening is better for MAF and
+    RealNVP).
     """
     cfg = RunConfig(data=data, model=model)
     t = cfg.train
-    from ..data import IMAGES, TABULAR, TOY
-
-    if data in TOY:
+    kind = data_kind(data)
+    if kind == "toy":
         t.steps, t.batch_size, t.lr, t.warmup = 1000, 256, 2e-3, 50
         t.eval_every = 100
-    elif data == "digits" or data in IMAGES:
-        # 1,200 training images overfit within ~400 steps at weight decay 0 (NSF on digits:
-        # 2.017 bits/dim); AdamW decay 1.0 with EMA 0.995 and an 800-step cosine gave 1.990
+    elif kind == "image":
+        # ~1,250 training images overfit within a few hundred steps at weight decay 0; the
+        # figures behind this budget: benchmarks/README.md, "Quality (digits)"
         t.steps, t.batch_size, t.lr, t.warmup = 800, 256, 1e-3, 100
         t.weight_decay, t.ema, t.eval_every, t.patience = 1.0, 0.995, 100, 5
-        if data == "digits":
-            cfg.data_args = {"val": 0.1}
-    elif data in TABULAR or Path(data).suffix.lower() in (".npy", ".csv"):
+    elif kind == "tabular":
         t.steps, t.batch_size, t.lr, t.warmup = 2000, 128, 1e-3, 50
         t.weight_decay, t.ema, t.eval_every, t.patience = 1e-2, 0.99, 25, 8
-        if model.lower().startswith(("nsf", "maf", "realnvp", "nice", "iaf")):
-            cfg.model_args = {"transforms": 3, "hidden": [64, 64]}
-        if model.lower().startswith("nsf"):
-            cfg.data_args = {"preprocessing": "standardize"}
+    spec = _models().get(model.lower())
+    if spec is not None:  # an unknown name fails later, listing the valid ones
+        cfg.model_args = spec.defaults_for(kind)
+        cfg.data_args.update(spec.data_args_for(kind))
     return cfg
 
 
-def _check_builder_args(builder, args: dict[str, Any], name: str) -> None:
-    params = inspect.signature(builder).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+def _check_builder_args(spec, args: dict[str, Any], name: str) -> None:
+    valid = spec.options()
+    if valid is None:
         return
-    valid = [p for p in list(params)[1:]]
-    unknown = sorted(set(args) - set(valid))
+    unknown = sorted(set(args) - set(valid) - set(spec.renamed))  # old names still warn
     if unknown:
         raise ConfigError(
             f"unknown option(s) {', '.join(unknown)} for model {name!r}; valid: {', '.join(valid)}"
         )
-
-
-def _builder_input(builder, shape: tuple[int, ...]):
-    first = next(iter(inspect.signature(builder).parameters), "")
-    return tuple(shape) if first in _SHAPE_PARAMS else math.prod(shape)
 
 
 def build_flow(
@@ -153,18 +163,20 @@ def build_flow(
 ) -> tuple[Flow, tuple[int, ...]]:
     """``Flow(Compose([pre-processing, model]), base)`` for data described by ``data_meta``.
 
-    Vector models get the flattened data (``features = prod(shape)``); builders whose first
-    parameter is a shape get the image shape. With ``dataset`` the pre-processing uses its
-    training statistics; without, placeholders that a checkpoint's state overwrites.
+    Vector models get the flattened data (``features = prod(shape)``), image models (their
+    :class:`~exactflow.models.ModelSpec` says which) the image shape. With ``dataset`` the
+    pre-processing uses its training statistics; without, placeholders that a checkpoint's
+    state overwrites.
 
     Returns:
         the flow and its event shape (batches are reshaped to it).
     """
-    builder = resolve_model(model)
-    _check_builder_args(builder, model_args, model)
+    spec = resolve_model(model)
+    _check_builder_args(spec, model_args, model)
     shape = tuple(data_meta["shape"])
+    first = spec.first_argument(shape)
     try:
-        inner = builder(_builder_input(builder, shape), **model_args)
+        inner = spec(first, **model_args)
     except TypeError as err:
         raise ConfigError(f"model {model!r}: {err}") from err
     if not isinstance(inner, Flow):

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .._compat import renamed_kwargs
 from ..errors import ConfigError, ContextError, DTypeError, ShapeError
 from ..transforms.base import Transform
 from .fixed_step import solver_tolerance
@@ -173,7 +174,7 @@ class TimeMLP(nn.Module):
     Args:
         features: ``D``, size of ``z``.
         hidden: hidden layer widths.
-        context_features: size of the context vector (0 = unconditional).
+        context: size of the context vector (0 = unconditional).
         time: ``"concat"`` or ``"gate"``.
         activation: ``"tanh"``, ``"softplus"``, ``"silu"`` or ``"elu"`` (smooth, since the
             trace and its gradient need second derivatives).
@@ -182,23 +183,21 @@ class TimeMLP(nn.Module):
     ``context`` ``(N, C)``; returns ``(N, D)``.
     """
 
+    @renamed_kwargs(context_features="context")
     def __init__(
         self,
         features: int,
         hidden: Sequence[int] = (64, 64, 64),
-        context_features: int = 0,
+        context: int = 0,
         time: str = "gate",
         activation: str = "tanh",
     ):
         super().__init__()
-        for name, v in (("features", features), ("context_features", context_features)):
+        for name, v in (("features", features), ("context", context)):
             if isinstance(v, bool) or not isinstance(v, int):
                 raise DTypeError(f"{name} must be an int, got {type(v).__name__}")
-        if features < 1 or context_features < 0:
-            raise ConfigError(
-                f"need features >= 1 and context_features >= 0, got {features} and "
-                f"{context_features}"
-            )
+        if features < 1 or context < 0:
+            raise ConfigError(f"need features >= 1 and context >= 0, got {features} and {context}")
         hidden = tuple(hidden)
         if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
             raise ConfigError(f"hidden widths must be positive ints, got {hidden}")
@@ -209,10 +208,10 @@ class TimeMLP(nn.Module):
                 f"activation must be one of {tuple(_ACTIVATIONS)}, got {activation!r}"
             )
         self.features = features
-        self.context_features = context_features
+        self.context_features = context
         dims = (features, *hidden, features)
         self.layers = nn.ModuleList(
-            _TimeLinear(a, b, 1 + context_features, time) for a, b in itertools.pairwise(dims)
+            _TimeLinear(a, b, 1 + context, time) for a, b in itertools.pairwise(dims)
         )
         self.act = _ACTIVATIONS[activation]()
         self.layers[-1].zero_output()
@@ -424,7 +423,7 @@ class CNF(Transform, Regularized):
             the terms are integrated with the state in training mode and exposed after each
             forward call as :attr:`regularization` and :attr:`regularization_loss`, which is
             also the CNF's ``training_penalty()``: :meth:`exactflow.Flow.training_loss` adds it.
-        context_features: size of the context; default ``dynamics.context_features`` or 0.
+        context: size of the context; default ``dynamics.context_features`` or 0.
         features: ``D``, to validate inputs; default ``dynamics.features`` if it exists.
 
     Attributes:
@@ -437,6 +436,7 @@ class CNF(Transform, Regularized):
 
     event_dim = 1
 
+    @renamed_kwargs(context_features="context")
     def __init__(
         self,
         dynamics: nn.Module,
@@ -451,7 +451,7 @@ class CNF(Transform, Regularized):
         steps: int | None = None,
         adjoint: bool = False,
         regularization: RNODE | dict | None = None,
-        context_features: int | None = None,
+        context: int | None = None,
         features: int | None = None,
     ):
         super().__init__()
@@ -491,11 +491,11 @@ class CNF(Transform, Regularized):
                 )
         if not isinstance(adjoint, bool):
             raise DTypeError(f"adjoint must be a bool, got {type(adjoint).__name__}")
-        if context_features is None:
-            context_features = int(getattr(dynamics, "context_features", 0))
+        if context is None:
+            context = int(getattr(dynamics, "context_features", 0))
         if features is None:
             features = getattr(dynamics, "features", None)
-        for name, v in (("context_features", context_features), ("features", features)):
+        for name, v in (("context", context), ("features", features)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
                 raise ConfigError(f"{name} must be a non-negative int, got {v!r}")
 
@@ -510,7 +510,7 @@ class CNF(Transform, Regularized):
         self.steps = steps if steps is not None else 20
         self.adjoint = adjoint
         self.rnode = RNODE.coerce(regularization)
-        self.context_features = context_features
+        self.context_features = context
         self.features = features
         self.nfe_forward = 0
         self.nfe_backward = 0
@@ -573,7 +573,7 @@ class CNF(Transform, Regularized):
             t1=self.t1,
             solver=solver,
             steps=self.steps if steps is None else steps,
-            context_features=self.context_features,
+            context=self.context_features,
             features=self.features,
         )
 

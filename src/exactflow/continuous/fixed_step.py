@@ -8,7 +8,8 @@ import math
 
 from torch import Tensor, nn
 
-from ..errors import ConfigError, ContextError, ShapeError
+from .._compat import renamed_kwargs
+from ..errors import ConfigError, ContextError, DTypeError, ShapeError
 from ..transforms.base import Transform
 
 __all__ = ["FixedStepCNF", "solver_tolerance"]
@@ -64,6 +65,7 @@ class FixedStepCNF(Transform):
     SOLVERS = ("euler", "midpoint", "heun2", "rk4")
     event_dim = 1
 
+    @renamed_kwargs(context_features="context")
     def __init__(
         self,
         dynamics: nn.Module,
@@ -71,7 +73,7 @@ class FixedStepCNF(Transform):
         t1: float,
         solver: str = "rk4",
         steps: int = 20,
-        context_features: int = 0,
+        context: int = 0,
         features: int | None = None,
     ):
         super().__init__()
@@ -87,7 +89,7 @@ class FixedStepCNF(Transform):
                 f"got {solver!r}"
             )
         if isinstance(steps, bool) or not isinstance(steps, int):
-            raise TypeError(f"steps must be a Python int, got {type(steps).__name__}")
+            raise DTypeError(f"steps must be a Python int, got {type(steps).__name__}")
         if steps < 1:
             raise ConfigError(f"steps must be >= 1, got {steps}")
         if not (math.isfinite(t1) and t1 > 0):
@@ -96,7 +98,7 @@ class FixedStepCNF(Transform):
         self.t1 = float(t1)
         self.solver = solver
         self.steps = steps
-        self.context_features = context_features
+        self.context_features = context
         self.features = features
 
     def extra_repr(self) -> str:

@@ -23,14 +23,15 @@ import math
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, ShapeError
+from .._compat import renamed_kwargs
+from ..errors import ConfigError, DTypeError, ShapeError
 
 __all__ = ["AffinePath", "CondOTPath", "LinearPath", "sample_time"]
 
 
 def _sigma(name: str, value: float, upper: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+        raise DTypeError(f"{name} must be a float, got {type(value).__name__}")
     if not (math.isfinite(value) and 0.0 <= value < upper):
         raise ConfigError(f"{name} must be in [0, {upper}), got {value!r}")
     return float(value)
@@ -128,10 +129,16 @@ class CondOTPath(AffinePath):
     ``x_t = (1 - t) x0 + (σ_min + (1 - σ_min) t) x1`` with ``x1 ~ N(0, I)``: given ``x0`` the
     path is ``N((1 - t) x0, (σ_min + (1 - σ_min) t)² I)``, a point mass blurred by ``σ_min``
     at ``t = 0`` and the standard normal at ``t = 1``; ``u_t = (1 - σ_min) x1 - x0``.
+
+    Args:
+        sigma: ``σ_min`` in [0, 1), kept as :attr:`sigma_min` (``sigma_min=`` is the
+            argument's deprecated name).
     """
 
-    def __init__(self, sigma_min: float = 1e-3):
-        self.sigma_min = _sigma("sigma_min", sigma_min, 1.0)
+    @renamed_kwargs(sigma_min="sigma")
+    def __init__(self, sigma: float = 1e-3):
+        # stored as sigma_min: AffinePath.sigma is the extra noise, zero on this path
+        self.sigma_min = _sigma("sigma", sigma, 1.0)
 
     def coefficients(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         s = self.sigma_min
@@ -145,4 +152,4 @@ class CondOTPath(AffinePath):
         return da * x0 + db * (x - a * x0) / b
 
     def __repr__(self) -> str:
-        return f"CondOTPath(sigma_min={self.sigma_min:g})"
+        return f"CondOTPath(sigma={self.sigma_min:g})"

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .._compat import builder
 from ..distributions import BaseDistribution, StandardNormal
-from ..errors import ConfigError
+from ..errors import ConfigError, DTypeError
 from ..flow import Flow
-from ..transforms import ActNorm, Compose, Transform
+from ..transforms import Compose, Transform
 from ..transforms.dequantization import DEQUANTIZATIONS, dequantizer
 from ..transforms.elementwise import ElementwiseMap
 from ..transforms.image import (
@@ -34,6 +35,7 @@ from ..transforms.image import (
     image_shape,
 )
 from ..transforms.preprocessing import LogitPreprocess
+from .coupling import check_norm, norm_layer
 
 __all__ = ["Glow", "ImageFlow", "RealNVPImage", "pixel_flow"]
 
@@ -62,7 +64,7 @@ class ImageFlow(Flow):
                 f"unknown dequantization {dequantization!r}; valid: {', '.join(DEQUANTIZATIONS)}"
             )
         if dequantization_args is not None and not isinstance(dequantization_args, dict):
-            raise TypeError(
+            raise DTypeError(
                 f"dequantization_args must be a dict, got {type(dequantization_args).__name__}"
             )
         self.dequantization = dequantization
@@ -84,7 +86,7 @@ class ImageFlow(Flow):
 
 def _count(value, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        raise DTypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {value}")
     return value
@@ -107,38 +109,49 @@ def _keep_shape(shape: tuple[int, int, int]) -> tuple[int, int, int]:
     return (c - c // 2, h, w)
 
 
-def _map_kwargs(
-    coupling: str | ElementwiseMap, coupling_args: dict | None, log_scale_bound: float
-) -> dict:
-    """Constructor arguments of the couplings' map: ``coupling_args``, plus the builder's
-    ``log_scale_bound`` for the affine map unless ``coupling_args`` sets it."""
-    if coupling_args is None:
-        coupling_args = {}
-    if not isinstance(coupling_args, dict):
-        raise TypeError(f"coupling_args must be a dict, got {type(coupling_args).__name__}")
-    if coupling_args and not isinstance(coupling, str):
-        raise ValueError("coupling_args apply only when coupling is given by name")
-    if coupling == "affine":
-        return {"log_scale_bound": log_scale_bound, **coupling_args}
-    return dict(coupling_args)
+def _map_kwargs(map: str | ElementwiseMap, map_kwargs: dict | None, log_scale_bound: float) -> dict:
+    """Constructor arguments of the couplings' map: ``map_kwargs``, plus the builder's
+    ``log_scale_bound`` for the affine map unless ``map_kwargs`` sets it."""
+    if map_kwargs is None:
+        map_kwargs = {}
+    if not isinstance(map_kwargs, dict):
+        raise DTypeError(f"map_kwargs must be a dict, got {type(map_kwargs).__name__}")
+    if map_kwargs and not isinstance(map, str):
+        raise ConfigError(
+            f"map_kwargs apply only when map is given by name, got a {type(map).__name__}"
+        )
+    if map == "affine":
+        return {"log_scale_bound": log_scale_bound, **map_kwargs}
+    return dict(map_kwargs)
 
 
+# the image builders' old names: the vector builders' vocabulary is the one kept
+_IMAGE_RENAMES = {
+    "hidden_channels": "hidden",
+    "coupling": "map",
+    "coupling_args": "map_kwargs",
+}
+
+
+@builder(depth="transforms", **_IMAGE_RENAMES)
 def Glow(
     shape: Sequence[int] = (1, 28, 28),
+    *,
     levels: int = 2,
-    depth: int = 8,
-    hidden_channels: int = 64,
+    transforms: int = 8,
+    hidden: int = 64,
     context: int = 0,
+    map: str | ElementwiseMap = "affine",
+    map_kwargs: dict | None = None,
     lu: bool = True,
-    coupling: str | ElementwiseMap = "affine",
-    coupling_args: dict | None = None,
     log_scale_bound: float = 3.0,
+    norm: str | None = "actnorm",
     split_prior: str = "gaussian",
     learn_top: bool = True,
     dequantization: str = "uniform",
     dequantization_args: dict | None = None,
 ) -> ImageFlow:
-    """Glow: ``levels`` x (squeeze, ``depth`` x [ActNorm, 1x1 conv, coupling], split).
+    """Glow: ``levels`` x (squeeze, ``transforms`` x [ActNorm, 1x1 conv, coupling], split).
 
     Each step is per-channel :class:`~exactflow.transforms.ActNorm`, an invertible 1x1
     convolution (LU-parameterised by default) and an affine coupling over a channel split
@@ -149,16 +162,19 @@ def Glow(
     Args:
         shape: image shape ``(C, H, W)``; ``H`` and ``W`` divisible by ``2**levels``.
         levels: number of levels L (one squeeze each).
-        depth: steps per level K.
-        hidden_channels: width of every coupling net.
+        transforms: steps per level K (was ``depth=``, deprecated).
+        hidden: channels of every coupling net (was ``hidden_channels=``, deprecated).
         context: context size, e.g. the number of classes for one-hot class conditioning
             (0 = unconditional). It feeds every coupling net and every prior.
+        map: the coupling's elementwise map (name or instance; ``"affine"``,
+            ``"additive"``, spline names ...); was ``coupling=`` (deprecated).
+        map_kwargs: keyword arguments of a map given by name, e.g. ``{"bins": 4}`` for
+            ``map="rq-spline"`` (a TOML ``[model_args]`` table can set both); was
+            ``coupling_args=`` (deprecated).
         lu: LU-parameterised 1x1 convolutions (else dense with ``slogdet``).
-        coupling: the coupling's elementwise map (name or instance; ``"affine"``,
-            ``"additive"``, spline names ...).
-        coupling_args: keyword arguments of a map given by name, e.g. ``{"bins": 4}`` for
-            ``coupling="rq-spline"`` (a TOML ``[model_args]`` table can set both).
         log_scale_bound: soft bound of the affine couplings' log-scale.
+        norm: the normalisation opening each step: ``"actnorm"`` (Glow), ``"batchnorm"``
+            or ``None`` (see :func:`~exactflow.models.coupling.norm_layer`).
         split_prior: ``"gaussian"`` (learned, Glow) or ``"standard"`` (N(0, I)).
         learn_top: learn the top-level prior (always on with a context).
         dequantization: ``"uniform"`` or ``"variational"``, applied when the model is put
@@ -169,21 +185,23 @@ def Glow(
     Returns an :class:`ImageFlow` with a ``StandardNormal(shape)`` base.
     """
     levels = _count(levels, "levels")
-    depth = _count(depth, "depth")
-    hidden_channels = _count(hidden_channels, "hidden_channels")
+    transforms = _count(transforms, "transforms")
+    hidden = _count(hidden, "hidden")
     context = _count(context, "context", 0)
+    check_norm(norm)
     shape = _check_shape(shape, levels, "Glow")
-    kwargs = _map_kwargs(coupling, coupling_args, log_scale_bound)
+    kwargs = _map_kwargs(map, map_kwargs, log_scale_bound)
 
     def level(s_in: tuple[int, int, int], i: int) -> Transform:
         sq = Squeeze(s_in)
         s = sq.out_shape
         layers: list[Transform] = [sq]
-        for _ in range(depth):
+        for _ in range(transforms):
+            if (n := norm_layer(norm, s)) is not None:
+                layers.append(n)
             layers += [
-                ActNorm(s),
                 InvConv1x1(s[0], lu=lu),
-                ConvCoupling(s, "channel", False, hidden_channels, context, coupling, kwargs),
+                ConvCoupling(s, "channel", False, hidden, context, map, kwargs),
             ]
         if i == levels - 1:
             if learn_top or context:
@@ -197,72 +215,84 @@ def Glow(
     return ImageFlow(level(shape, 0), StandardNormal(shape), dequantization, dequantization_args)
 
 
+def _norm_from_actnorm(on: bool) -> str | None:
+    return "actnorm" if on else None
+
+
+@builder(
+    couplings="transforms",
+    prior="split_prior",
+    actnorm=("norm", _norm_from_actnorm),
+    **_IMAGE_RENAMES,
+)
 def RealNVPImage(
     shape: Sequence[int] = (1, 28, 28),
+    *,
     levels: int = 2,
-    couplings: int = 3,
-    hidden_channels: int = 64,
+    transforms: int = 3,
+    hidden: int = 64,
     context: int = 0,
-    coupling: str | ElementwiseMap = "affine",
-    coupling_args: dict | None = None,
+    map: str | ElementwiseMap = "affine",
+    map_kwargs: dict | None = None,
     log_scale_bound: float = 3.0,
-    prior: str = "standard",
-    actnorm: bool = True,
+    norm: str | None = "actnorm",
+    split_prior: str = "standard",
     dequantization: str = "uniform",
     dequantization_args: dict | None = None,
 ) -> ImageFlow:
     """Multi-scale RealNVP: per level, checkerboard couplings, squeeze, channel couplings,
-    factor out half; the last level is ``couplings + 1`` checkerboard couplings.
+    factor out half; the last level is ``transforms + 1`` checkerboard couplings.
 
     Masks alternate (``flip``) from one coupling to the next. The paper's batch norm is
-    replaced by per-channel :class:`~exactflow.transforms.ActNorm` before each coupling
-    (``actnorm=True``), which needs no running statistics and samples in train mode too.
+    replaced by default by per-channel :class:`~exactflow.transforms.ActNorm` before each
+    coupling (``norm="actnorm"``), which needs no running statistics and samples in train
+    mode too.
 
     Args:
         shape: image shape ``(C, H, W)``; ``H`` and ``W`` divisible by ``2**(levels - 1)``.
         levels: number of scales (``levels - 1`` squeezes and factor-outs).
-        couplings: couplings per mask type and level.
-        hidden_channels: width of every coupling net.
+        transforms: couplings per mask type and level (was ``couplings=``, deprecated).
+        hidden: channels of every coupling net (was ``hidden_channels=``, deprecated).
         context: context size (class conditioning; 0 = unconditional).
-        coupling: the couplings' elementwise map.
-        coupling_args: keyword arguments of a map given by name, as in :func:`Glow`.
+        map, map_kwargs: the couplings' elementwise map and its arguments, as in
+            :func:`Glow`.
         log_scale_bound: soft bound of the affine log-scale.
-        prior: factored-out prior, ``"standard"`` (the paper's N(0, I)) or ``"gaussian"``
-            (learned, conditional, as in Glow).
-        actnorm: insert ActNorm before every coupling.
+        norm: the normalisation before every coupling: ``"actnorm"``, ``"batchnorm"`` (the
+            paper's) or ``None``; replaces ``actnorm=True/False`` (deprecated).
+        split_prior: factored-out prior, ``"standard"`` (the paper's N(0, I)) or
+            ``"gaussian"`` (learned, conditional, as in Glow); was ``prior=`` (deprecated).
         dequantization, dequantization_args: as in :func:`Glow`.
 
     Returns an :class:`ImageFlow` with a ``StandardNormal(shape)`` base.
     """
     levels = _count(levels, "levels")
-    couplings = _count(couplings, "couplings")
-    hidden_channels = _count(hidden_channels, "hidden_channels")
+    transforms = _count(transforms, "transforms")
+    hidden = _count(hidden, "hidden")
     context = _count(context, "context", 0)
+    check_norm(norm)
     shape = _check_shape(shape, levels - 1, "RealNVPImage")
-    kwargs = _map_kwargs(coupling, coupling_args, log_scale_bound)
+    kwargs = _map_kwargs(map, map_kwargs, log_scale_bound)
 
     def stack(s: tuple[int, int, int], mask: str, n: int) -> list[Transform]:
         out: list[Transform] = []
         for j in range(n):
-            if actnorm:
-                out.append(ActNorm(s))
-            out.append(
-                ConvCoupling(s, mask, j % 2 == 1, hidden_channels, context, coupling, kwargs)
-            )
+            if (layer := norm_layer(norm, s)) is not None:
+                out.append(layer)
+            out.append(ConvCoupling(s, mask, j % 2 == 1, hidden, context, map, kwargs))
         return out
 
     def level(s: tuple[int, int, int], i: int) -> Transform:
         if i == levels - 1:
-            return Compose(stack(s, "checkerboard", couplings + 1))
+            return Compose(stack(s, "checkerboard", transforms + 1))
         sq = Squeeze(s)
         t = sq.out_shape
         inner = level(_keep_shape(t), i + 1)
         return Compose(
             [
-                *stack(s, "checkerboard", couplings),
+                *stack(s, "checkerboard", transforms),
                 sq,
-                *stack(t, "channel", couplings),
-                FactorOut(t, inner, prior, context if prior == "gaussian" else 0),
+                *stack(t, "channel", transforms),
+                FactorOut(t, inner, split_prior, context if split_prior == "gaussian" else 0),
                 Unsqueeze(t),
             ]
         )
@@ -287,7 +317,7 @@ def pixel_flow(
         alpha: logit boundary margin.
     """
     if not isinstance(model, Flow):
-        raise TypeError(f"model must be an exactflow Flow, got {type(model).__name__}")
+        raise DTypeError(f"model must be an exactflow Flow, got {type(model).__name__}")
     shape = image_shape(model.event_shape)
     deq = dequantizer(dequantization, shape, levels, **kwargs)
     logit = LogitPreprocess(levels, alpha, event_dim=3)

@@ -7,16 +7,19 @@ with a standard normal base -- and differ in how the velocity is trained:
 =================  ===============================================  ===================
 builder            path (``t = 0`` data, ``t = 1`` noise)           coupling
 =================  ===============================================  ===================
-``CFM``            ``(1-t) x0 + (σ_min + (1-σ_min) t) x1``          independent
+``CFM``            ``(1-t) x0 + (σ + (1-σ) t) x1``                  independent
 ``OTCFM``          ``(1-t) x0 + t x1 + σ ξ``                        minibatch OT
 ``RectifiedFlow``  ``(1-t) x0 + t x1``                              independent (+ reflow)
 =================  ===============================================  ===================
+
+``sigma`` is each builder's σ (CFM's ``sigma_min=`` is its deprecated name).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .._compat import builder
 from ..continuous import CNF
 from ..distributions import StandardNormal
 from ..errors import ConfigError
@@ -59,15 +62,16 @@ def _build(
     return MatchingFlow(cnf, StandardNormal((features,)), path, pairing)
 
 
+@builder(sigma_min="sigma")
 def CFM(
     features: int,
+    *,
     hidden: Sequence[int] = (64, 64, 64),
     context: int = 0,
-    sigma_min: float = 1e-3,
+    sigma: float = 1e-3,
     solver: str = "dopri5",
     atol: float = 1e-5,
     rtol: float = 1e-5,
-    *,
     steps: int | None = None,
     trace: str = "exact",
     time: str = "gate",
@@ -79,7 +83,8 @@ def CFM(
         features: ``D``.
         hidden: hidden widths of the velocity MLP.
         context: context features (0 = unconditional); the context enters every layer.
-        sigma_min: width of the conditional path at the data end.
+        sigma: σ, the width of the conditional path at the data end (``σ_min`` in Lipman
+            et al.; ``sigma_min=`` is deprecated).
         solver, atol, rtol, steps: default ODE solver of ``log_prob``/``sample`` (see
             :class:`~exactflow.continuous.CNF`; override per call with ``steps=``/``solver=``).
         trace: ``"exact"`` (default) or ``"hutchinson"`` for ``log_prob``.
@@ -89,20 +94,21 @@ def CFM(
         A :class:`~exactflow.matching.MatchingFlow` with event shape ``(features,)``.
     """
     return _build(
-        features, hidden, context, CondOTPath(sigma_min), "independent",
+        features, hidden, context, CondOTPath(sigma), "independent",
         solver, atol, rtol, steps, trace, time, activation,
     )  # fmt: skip
 
 
+@builder()
 def OTCFM(
     features: int,
+    *,
     hidden: Sequence[int] = (64, 64, 64),
     context: int = 0,
     sigma: float = 0.01,
     solver: str = "dopri5",
     atol: float = 1e-5,
     rtol: float = 1e-5,
-    *,
     steps: int | None = None,
     trace: str = "exact",
     time: str = "gate",
@@ -119,14 +125,15 @@ def OTCFM(
     )  # fmt: skip
 
 
+@builder()
 def RectifiedFlow(
     features: int,
+    *,
     hidden: Sequence[int] = (64, 64, 64),
     context: int = 0,
     solver: str = "dopri5",
     atol: float = 1e-5,
     rtol: float = 1e-5,
-    *,
     steps: int | None = None,
     trace: str = "exact",
     time: str = "gate",

@@ -1,15 +1,18 @@
-"""Planar and radial flow builders (Rezende & Mohamed, 2015)."""
+"""Planar and radial flow builders (Rezende & Mohamed, 2015).
+
+The builders are :func:`PlanarFlow` and :func:`RadialFlow`; the single layers are
+:class:`exactflow.transforms.Planar` and :class:`exactflow.transforms.Radial`.
+"""
 
 from __future__ import annotations
 
+from .._compat import builder
 from ..distributions import BaseDistribution, ConditionalGaussian
 from ..flow import Flow
-from ..transforms import Compose, Inverse, Transform
-from ..transforms import Planar as PlanarLayer
-from ..transforms import Radial as RadialLayer
+from ..transforms import Compose, Inverse, Planar, Radial, Transform
 from .coupling import check_args, standard_base
 
-__all__ = ["Planar", "Radial"]
+__all__ = ["PlanarFlow", "RadialFlow"]
 
 
 def _stack(layer_cls, features, transforms, context, for_sampling) -> Flow:
@@ -25,8 +28,9 @@ def _stack(layer_cls, features, transforms, context, for_sampling) -> Flow:
     return Flow(Compose(layers), base)
 
 
-def Planar(
-    features: int, transforms: int = 8, context: int = 0, for_sampling: bool = False
+@builder()
+def PlanarFlow(
+    features: int, *, transforms: int = 8, context: int = 0, for_sampling: bool = False
 ) -> Flow:
     """A stack of planar layers ``y = x + u tanh(w.x + b)`` on N(0, I).
 
@@ -40,14 +44,15 @@ def Planar(
             noise -> data (sampling and ``sample_and_log_prob`` for variational inference);
             ``log_prob`` of data then inverts numerically.
     """
-    return _stack(PlanarLayer, features, transforms, context, for_sampling)
+    return _stack(Planar, features, transforms, context, for_sampling)
 
 
-def Radial(
-    features: int, transforms: int = 8, context: int = 0, for_sampling: bool = False
+@builder()
+def RadialFlow(
+    features: int, *, transforms: int = 8, context: int = 0, for_sampling: bool = False
 ) -> Flow:
     """A stack of radial layers ``y = x + beta (x - x0) / (alpha + |x - x0|)`` on N(0, I).
 
-    Arguments as in :func:`Planar`.
+    Arguments as in :func:`PlanarFlow`.
     """
-    return _stack(RadialLayer, features, transforms, context, for_sampling)
+    return _stack(Radial, features, transforms, context, for_sampling)

@@ -217,7 +217,7 @@ CASES: list[Case] = [
     # 8.8e-8 / 1.4e-7). 20 steps with a 1e-5 tolerance is the documented figure for this case.
     Case(
         "cnf-fixed-step",
-        lambda s, c: FixedStepCNF(TimeMLP(s[0], (8,), c), t1=0.5, steps=20, context_features=c),
+        lambda s, c: FixedStepCNF(TimeMLP(s[0], (8,), c), t1=0.5, steps=20, context=c),
         context=True,
         shapes=((3,),),
         roundtrip_tol=1e-5,
@@ -275,8 +275,8 @@ def _image_cases(case_cls) -> list:
     def factor_out(s, c):
         def make(s2):
             keep = (s2[0] - s2[0] // 2, *s2[1:])
-            inner = ConvCoupling(keep, "checkerboard", hidden_channels=4, context_features=c)
-            return FactorOut(s2, inner, context_features=c)
+            inner = ConvCoupling(keep, "checkerboard", hidden_channels=4, context=c)
+            return FactorOut(s2, inner, context=c)
 
         return _squeezed(s, make)
 

@@ -8,6 +8,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError, DataError
+
 __all__ = ["EMA"]
 
 
@@ -25,7 +27,7 @@ class EMA:
 
     def __init__(self, module: nn.Module, decay: float):
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+            raise ConfigError(f"EMA decay must be in [0, 1), got {decay}")
         self.module = module
         self.decay = float(decay)
         self.updates = 0
@@ -64,7 +66,7 @@ class EMA:
         """Restore the averages saved by :meth:`state_tensors` and the update count."""
         missing = set(self.shadow) - set(tensors)
         if missing:
-            raise ValueError(f"EMA state lacks {sorted(missing)[:3]}")
+            raise DataError(f"EMA state lacks {sorted(missing)[:3]}")
         for name in self.shadow:
             self.shadow[name] = tensors[name].to(self.shadow[name]).clone()
         self.updates = int(updates)

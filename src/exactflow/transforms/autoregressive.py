@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._compat import renamed_kwargs
 from ..errors import ShapeError
 from ..nets import MADE
 from .base import Transform
@@ -36,7 +37,7 @@ class Autoregressive(Transform):
             (``"affine"`` gives MAF, ``"rq-spline"`` the autoregressive neural spline flow).
         features: D.
         hidden: MADE hidden widths.
-        context_features: context size (0 = unconditional).
+        context: context size (0 = unconditional).
         order: autoregressive ordering, a permutation of ``range(D)`` (default identity).
         activation: MADE activation.
         map_kwargs: keyword arguments for the map when it is given by name.
@@ -45,12 +46,13 @@ class Autoregressive(Transform):
     ``batch``. ``forward`` costs one MADE pass, ``inverse`` D passes.
     """
 
+    @renamed_kwargs(context_features="context")
     def __init__(
         self,
         map: str | ElementwiseMap,
         features: int,
         hidden: Sequence[int] | int = (128, 128),
-        context_features: int = 0,
+        context: int = 0,
         order: Sequence[int] | Tensor | None = None,
         activation: str | Callable[[], nn.Module] = "relu",
         map_kwargs: dict | None = None,
@@ -61,7 +63,7 @@ class Autoregressive(Transform):
             features,
             hidden,
             out_per_feature=self.map.num_params,
-            context=context_features,
+            context=context,
             order=order,
             activation=activation,
         )

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from ..errors import ShapeError
+from ..errors import DTypeError, ShapeError
 
 __all__ = ["Compose", "Inverse", "Transform", "sum_rightmost"]
 
@@ -78,7 +78,7 @@ class Inverse(Transform):
     def __init__(self, transform: Transform):
         super().__init__()
         if not isinstance(transform, Transform):
-            raise TypeError(f"Inverse expects a Transform, got {type(transform).__name__}")
+            raise DTypeError(f"Inverse expects a Transform, got {type(transform).__name__}")
         self.transform = transform
         self.event_dim = transform.event_dim
         self.context_features = transform.context_features
@@ -106,7 +106,7 @@ class Compose(Transform):
         transforms = list(transforms)
         for i, t in enumerate(transforms):
             if not isinstance(t, Transform):
-                raise TypeError(f"Compose item {i} is a {type(t).__name__}, not a Transform")
+                raise DTypeError(f"Compose item {i} is a {type(t).__name__}, not a Transform")
         self.transforms = nn.ModuleList(transforms)
         self.event_dim = max((t.event_dim for t in transforms), default=1)
         self.context_features = max((t.context_features for t in transforms), default=0)

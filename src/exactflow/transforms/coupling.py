@@ -18,7 +18,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..errors import ShapeError
+from .._compat import renamed_kwargs
+from ..errors import ConfigError, DTypeError, ShapeError
 from ..nets import MLP
 from .base import Transform
 from .elementwise import ElementwiseMap, resolve_map
@@ -34,7 +35,7 @@ __all__ = [
 
 def _positive(n, name: str) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{name} must be a positive int, got {n!r}")
+        raise ConfigError(f"{name} must be a positive int, got {n!r}")
     return n
 
 
@@ -103,7 +104,7 @@ class Coupling(Transform):
             ``False``. An all-``False`` mask is allowed with a context (a conditional
             elementwise layer).
         hidden: hidden widths of the conditioner :class:`~exactflow.nets.MLP`.
-        context_features: context size (0 = unconditional).
+        context: context size (0 = unconditional).
         activation: conditioner activation (see :class:`~exactflow.nets.MLP`).
         map_kwargs: keyword arguments for the map when it is given by name
             (e.g. ``{"log_scale_bound": 2.0}`` or ``{"bins": 8, "bound": 5.0}``).
@@ -118,12 +119,13 @@ class Coupling(Transform):
     ``ladj`` ``batch``.
     """
 
+    @renamed_kwargs(context_features="context")
     def __init__(
         self,
         map: str | ElementwiseMap,
         mask: Tensor | int,
         hidden: Sequence[int] | int = (128, 128),
-        context_features: int = 0,
+        context: int = 0,
         activation: str | Callable[[], nn.Module] = "relu",
         map_kwargs: dict | None = None,
         conditioner: Callable[[int, int, int], nn.Module] | None = None,
@@ -133,25 +135,25 @@ class Coupling(Transform):
         if isinstance(mask, int) and not isinstance(mask, bool):
             mask = half_mask(mask)
         if not isinstance(mask, Tensor):
-            raise TypeError(f"mask must be a bool tensor or an int, got {type(mask).__name__}")
+            raise DTypeError(f"mask must be a bool tensor or an int, got {type(mask).__name__}")
         if mask.dtype != torch.bool:
-            raise TypeError(f"mask must have dtype torch.bool, got {mask.dtype}")
+            raise DTypeError(f"mask must have dtype torch.bool, got {mask.dtype}")
         if mask.dim() < 1:
             raise ShapeError("mask must have at least one dimension (the event shape)")
-        if isinstance(context_features, bool) or not isinstance(context_features, int):
-            raise TypeError(f"context_features must be an int, got {context_features!r}")
-        if context_features < 0:
-            raise ValueError(f"context_features must be >= 0, got {context_features}")
+        if isinstance(context, bool) or not isinstance(context, int):
+            raise DTypeError(f"context must be an int, got {context!r}")
+        if context < 0:
+            raise ConfigError(f"context must be >= 0, got {context}")
         flat = mask.reshape(-1)
         if bool(flat.all()):
-            raise ValueError("mask is True everywhere: the coupling layer would transform nothing")
-        if not bool(flat.any()) and context_features == 0:
-            raise ValueError(
+            raise ConfigError("mask is True everywhere: the coupling layer would transform nothing")
+        if not bool(flat.any()) and context == 0:
+            raise ConfigError(
                 "mask is False everywhere and there is no context: the conditioner would have "
                 "no input; use an ElementwiseTransform instead"
             )
         self.event_dim = mask.dim()
-        self.context_features = context_features
+        self.context_features = context
         self.register_buffer("mask", mask.clone())
         keep = torch.nonzero(flat).reshape(-1)
         change = torch.nonzero(~flat).reshape(-1)
@@ -161,11 +163,11 @@ class Coupling(Transform):
         self.register_buffer("merge_idx", torch.argsort(torch.cat([keep, change])))
         n_out = change.numel() * self.map.num_params
         if conditioner is None:
-            self.net = MLP(keep.numel(), n_out, hidden, context_features, activation)
+            self.net = MLP(keep.numel(), n_out, hidden, context, activation)
         else:
-            self.net = conditioner(keep.numel(), n_out, context_features)
+            self.net = conditioner(keep.numel(), n_out, context)
             if not isinstance(self.net, nn.Module):
-                raise TypeError(
+                raise DTypeError(
                     f"conditioner must return an nn.Module, got {type(self.net).__name__}"
                 )
 

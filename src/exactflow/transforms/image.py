@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ContextError, ShapeError
+from .._compat import renamed_kwargs
+from ..errors import ConfigError, ContextError, DTypeError, ShapeError
 from .base import Transform, zeros_like_batch
 from .elementwise import ElementwiseMap, resolve_map, soft_clamp
 
@@ -68,13 +69,13 @@ def _batch(x: Tensor, shape: tuple[int, ...], who: str) -> tuple[int, ...]:
 
 def _context_count(value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"context_features must be an int >= 0, got {value!r}")
+        raise ConfigError(f"context must be an int >= 0, got {value!r}")
     return value
 
 
 def _positive(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise ConfigError(f"{name} must be a positive int, got {value!r}")
     return value
 
 
@@ -87,33 +88,34 @@ class ConvNet(nn.Module):
     Args:
         in_channels, out_channels: channels of the input and output maps.
         hidden_channels: width of the two hidden layers.
-        context_features: context size (0 = none).
+        context: context size (0 = none).
         zero_init: zero the last convolution so the output starts at 0 (identity couplings).
 
     Shapes: ``x`` ``(*batch, in, H, W)``, ``context`` ``(*batch, context)`` ->
     ``(*batch, out, H, W)``.
     """
 
+    @renamed_kwargs(context_features="context")
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
         hidden_channels: int = 64,
-        context_features: int = 0,
+        context: int = 0,
         zero_init: bool = True,
     ):
         super().__init__()
         self.in_channels = _positive(in_channels, "in_channels")
         self.out_channels = _positive(out_channels, "out_channels")
         hidden = _positive(hidden_channels, "hidden_channels")
-        self.context_features = _context_count(context_features)
+        self.context_features = _context_count(context)
         self.conv_in = nn.Conv2d(self.in_channels, hidden, 3, padding=1)
         self.conv_mid = nn.Conv2d(hidden, hidden, 1)
         self.conv_out = nn.Conv2d(hidden, self.out_channels, 3, padding=1)
         if zero_init:
             nn.init.zeros_(self.conv_out.weight)
             nn.init.zeros_(self.conv_out.bias)
-        self.context_in = nn.Linear(self.context_features, hidden) if context_features else None
+        self.context_in = nn.Linear(self.context_features, hidden) if context else None
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """``(*batch, in, H, W)`` (+ context ``(*batch, context)``) -> ``(*batch, out, H, W)``."""
@@ -336,7 +338,7 @@ class ConvCoupling(Transform):
         mask: ``"channel"`` (needs ``C >= 2``) or ``"checkerboard"``.
         flip: swap the roles of the two parts.
         hidden_channels: width of the :class:`ConvNet`.
-        context_features: context size (0 = unconditional).
+        context: context size (0 = unconditional).
         map: an :class:`~exactflow.transforms.ElementwiseMap` or registered name
             (``"affine"`` default, ``"additive"``, splines ...).
         map_kwargs: keyword arguments when ``map`` is a name.
@@ -346,23 +348,24 @@ class ConvCoupling(Transform):
 
     event_dim = 3
 
+    @renamed_kwargs(context_features="context")
     def __init__(
         self,
         shape: Sequence[int],
         mask: str = "channel",
         flip: bool = False,
         hidden_channels: int = 64,
-        context_features: int = 0,
+        context: int = 0,
         map: str | ElementwiseMap = "affine",
         map_kwargs: dict | None = None,
     ):
         super().__init__()
         c, h, w = self.shape = image_shape(shape)
         if mask not in MASKS:
-            raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
+            raise ConfigError(f"mask must be one of {MASKS}, got {mask!r}")
         self.mask_type = mask
         self.flip = bool(flip)
-        self.context_features = _context_count(context_features)
+        self.context_features = _context_count(context)
         self.map = resolve_map(map, **(map_kwargs or {}))
         p = self.map.num_params
         if mask == "channel":
@@ -466,19 +469,20 @@ class FactorOut(Transform):
         shape: event shape ``(C, H, W)``, ``C >= 2``.
         inner: transform applied to ``x_a`` (event ``(C - C // 2, H, W)``), or ``None``.
         prior: ``"gaussian"`` (learned, conditional on ``x_a``) or ``"standard"``.
-        context_features: context size for a class-conditional prior (0 = none); the
+        context: context size for a class-conditional prior (0 = none); the
             context is passed to ``inner`` as well.
         log_scale_bound: soft bound on the prior log-scale.
     """
 
     event_dim = 3
 
+    @renamed_kwargs(context_features="context")
     def __init__(
         self,
         shape: Sequence[int],
         inner: Transform | None = None,
         prior: str = "gaussian",
-        context_features: int = 0,
+        context: int = 0,
         log_scale_bound: float = 5.0,
     ):
         super().__init__()
@@ -487,10 +491,10 @@ class FactorOut(Transform):
         if c < 2:
             raise ShapeError(f"FactorOut needs at least 2 channels, got shape {self.shape}")
         if prior not in ("gaussian", "standard"):
-            raise ValueError(f"prior must be 'gaussian' or 'standard', got {prior!r}")
+            raise ConfigError(f"prior must be 'gaussian' or 'standard', got {prior!r}")
         if inner is not None and not isinstance(inner, Transform):
-            raise TypeError(f"inner must be a Transform or None, got {type(inner).__name__}")
-        own = _context_count(context_features)
+            raise DTypeError(f"inner must be a Transform or None, got {type(inner).__name__}")
+        own = _context_count(context)
         self.out_channels = c // 2
         self.keep_channels = c - self.out_channels
         self.inner = inner
@@ -546,19 +550,18 @@ class LearnedPrior(Transform):
 
     Args:
         shape: event shape ``(C, H, W)``.
-        context_features: context size (0 = unconditional).
+        context: context size (0 = unconditional).
         log_scale_bound: soft bound on ``s``.
     """
 
     event_dim = 3
 
-    def __init__(
-        self, shape: Sequence[int], context_features: int = 0, log_scale_bound: float = 5.0
-    ):
+    @renamed_kwargs(context_features="context")
+    def __init__(self, shape: Sequence[int], context: int = 0, log_scale_bound: float = 5.0):
         super().__init__()
         self.shape = image_shape(shape)
         c = self.shape[0]
-        self.context_features = _context_count(context_features)
+        self.context_features = _context_count(context)
         self.bound = float(log_scale_bound)
         self.loc = nn.Parameter(torch.zeros(c))
         self.log_scale = nn.Parameter(torch.zeros(c))

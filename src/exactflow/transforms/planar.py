@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ContextError
+from .._compat import renamed_kwargs
+from ..errors import ConfigError, ContextError, DTypeError
 from .base import Transform
 
 __all__ = ["Planar", "Radial"]
@@ -40,7 +41,7 @@ class Planar(Transform):
 
     Args:
         features: D.
-        context_features: C (0 = unconditional; a context passed to it is then ignored,
+        context: C (0 = unconditional; a context passed to it is then ignored,
             as a conditional base may need one).
         bisection_steps: iterations of the inverse's bracketing search (each halves the
             bracket of width ``2|w.u_hat|``).
@@ -48,23 +49,24 @@ class Planar(Transform):
     Shapes: ``x`` ``(*batch, D)``, ``context`` ``(*batch, C)``, ``ladj`` ``batch``.
     """
 
-    def __init__(self, features: int, context_features: int = 0, bisection_steps: int = 60):
+    @renamed_kwargs(context_features="context")
+    def __init__(self, features: int, context: int = 0, bisection_steps: int = 60):
         super().__init__()
         for name, value, least in (
             ("features", features, 1),
-            ("context_features", context_features, 0),
+            ("context", context, 0),
         ):
             if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {value!r}")
+                raise DTypeError(f"{name} must be an int, got {value!r}")
             if value < least:
-                raise ValueError(f"{name} must be >= {least}, got {value}")
+                raise ConfigError(f"{name} must be >= {least}, got {value}")
         self.features = features
-        self.context_features = context_features
+        self.context_features = context
         self.u = nn.Parameter(torch.randn(features) * 0.1)
         self.w = nn.Parameter(torch.randn(features) * 0.1)
         self.b = nn.Parameter(torch.zeros(()))
-        if context_features:
-            self.amortise = nn.Linear(context_features, 2 * features + 1)
+        if context:
+            self.amortise = nn.Linear(context, 2 * features + 1)
             nn.init.zeros_(self.amortise.weight)
             nn.init.zeros_(self.amortise.bias)
         else:

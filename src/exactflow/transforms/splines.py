@@ -130,8 +130,8 @@ def _check_range(factors: Sequence[float] | None) -> tuple[float, float]:
 def _derivative_factor(raw_d: Tensor, factors: tuple[float, float]) -> Tensor:
     """``f(p)`` onto ``factors = (lo, hi)`` with ``f(0) = 1`` and unit slope of ``log f``
     at 0 (as the free rule's softplus): ``log f = a tanh(p / a)``, ``a = log hi`` for
-    ``p > 0`` and ``-log lo`` below. (A sigmoid there trained 0.02-0.03 nats worse in
-    200-step NSF runs.)"""
+    ``p > 0`` and ``-log lo`` below (it replaced a sigmoid; docs/guide/vi.md compares the
+    two rules)."""
     lo, hi = factors
     up, down = math.log(hi), -math.log(lo)
     return torch.where(
@@ -143,10 +143,9 @@ def default_min_size(bins: int) -> float:
     """The default smallest bin (fraction of the box) of the bounded parameterisation:
     ``min(0.02, 0.5 / K)``, so at K = 8 the smallest bin slope is 0.02 / 0.86 = 0.023.
 
-    Halving it (or widening :data:`DERIVATIVE_RANGE` to (0.25, 8) or (0.1, 10)) halves the
-    slope floor and did not fit the default moons NSF measurably better: 0.01 was 0.0007 ±
-    0.0005 nats lower over 16 paired seeds (``benchmarks/peers.py --default-config moons``:
-    0.0019 lower on seeds 0-7, 0.0005 higher on 8-15), within noise of zuko either way."""
+    Halving it (or widening :data:`DERIVATIVE_RANGE`) halves the slope floor and did not fit
+    the default moons NSF measurably better (benchmarks/README.md, "Spline variants, and 8
+    fresh seeds")."""
     return min(0.02, 0.5 / bins)
 
 
