@@ -62,8 +62,11 @@ class _LogProb(nn.Module):
         super().__init__()
         self.transform, self.base = flow.transform, flow.base
         self.base_ctx = flow.base.context_features > 0
+        self.context_encoder = flow.context_encoder  # the graph takes raw contexts, as Flow does
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        if self.context_encoder is not None:
+            context = self.context_encoder(context)
         z, ladj = self.transform(x, context)
         return self.base.log_prob(z, context if self.base_ctx else None) + ladj
 
@@ -72,8 +75,11 @@ class _Sample(nn.Module):
     def __init__(self, flow: Flow):
         super().__init__()
         self.transform = flow.transform
+        self.context_encoder = flow.context_encoder
 
     def forward(self, noise: Tensor, temperature: Tensor, context: Tensor | None = None) -> Tensor:
+        if self.context_encoder is not None:
+            context = self.context_encoder(context)
         x, _ = self.transform.inverse(noise * temperature, context)
         return x
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, constraints, register_kl
 
 from .distributions import BaseDistribution, ConditionalGaussian, DiagGaussian, StandardNormal
-from .errors import ConfigError, ContextError, DomainError, DTypeError, ShapeError
+from .errors import ConfigError, ContextError, DataError, DomainError, DTypeError, ShapeError
 from .transforms.base import Transform
 from .validation import (
     as_tensor,
@@ -23,7 +23,7 @@ from .validation import (
     check_seed,
 )
 
-__all__ = ["DeclaresPenalty", "Flow", "FlowDistribution", "declared_penalty"]
+__all__ = ["ContextStandardizer", "DeclaresPenalty", "Flow", "FlowDistribution", "declared_penalty"]
 
 
 def _temperature(value) -> float:
@@ -65,6 +65,80 @@ def declared_penalty(module: nn.Module) -> Tensor | None:
     return total
 
 
+class ContextStandardizer(nn.Module):
+    """Per-column context standardisation ``c' = (c - loc) / scale``, part of a conditional flow.
+
+    Every conditional :class:`Flow` holds one as ``flow.context_encoder``; it starts as the
+    identity (``loc = 0``, ``scale = 1``) and :meth:`fit` sets it from training contexts
+    (:class:`~exactflow.train.Trainer` does so for a conditional run). The flow applies it to
+    every context it is given (``log_prob``, ``sample``, ``sample_and_log_prob``,
+    ``training_loss``, ``distribution()``, the ONNX export), so callers always pass contexts
+    in their raw units, and the statistics live in the flow's ``state_dict``: a trained model
+    loads into a freshly built one. A state dict without them (a conditional model saved
+    before the encoder existed) loads as the identity.
+
+    Args:
+        features: context size ``C``.
+        dtype, device: of the ``loc`` and ``scale`` buffers (``(C,)``; ``.to()`` moves them).
+    """
+
+    def __init__(self, features: int, dtype: torch.dtype | None = None, device=None):
+        super().__init__()
+        self.features = check_count(features, "features", minimum=1)
+        self.register_buffer("loc", torch.zeros(self.features, dtype=dtype, device=device))
+        self.register_buffer("scale", torch.ones(self.features, dtype=dtype, device=device))
+
+    def forward(self, context: Tensor) -> Tensor:
+        """``(context - loc) / scale`` for ``context`` of shape ``(*batch, C)``."""
+        return (context - self.loc) / self.scale
+
+    @torch.no_grad()
+    def fit(self, context: Tensor) -> ContextStandardizer:
+        """Set ``loc`` and ``scale`` to the column means and standard deviations of ``context``
+        ``(N, C)`` (computed in float64); returns ``self``.
+
+        Raises :class:`~exactflow.errors.DataError` for non-finite values and for a constant
+        column (its standard deviation is zero; the error names the column index: drop it,
+        it carries no information), :class:`~exactflow.errors.ContextError` for a wrong width.
+        """
+        if not isinstance(context, Tensor):
+            raise DTypeError(f"context must be a tensor (N, C), got {type(context).__name__}")
+        if context.dim() != 2 or context.shape[1] != self.features:
+            raise ContextError(
+                f"context must have shape (N, {self.features}), got "
+                f"{_shape_str(tuple(context.shape))}"
+            )
+        c = context.detach().to("cpu", torch.float64)
+        bad = ~torch.isfinite(c)
+        if bool(bad.any()):
+            row, col = (int(v) for v in bad.nonzero()[0])
+            raise DataError(
+                f"context contains {int(bad.sum())} non-finite value(s) (NaN or inf), the "
+                f"first at row {row}, column {col}"
+            )
+        constant = (c.amax(0) == c.amin(0)).nonzero().flatten().tolist()
+        if constant:
+            shown = ", ".join(f"{i} (= {float(c[0, i]):g})" for i in constant[:8])
+            raise DataError(
+                f"context column(s) {shown} are constant over the {c.shape[0]} training "
+                "row(s): standardisation would divide by a zero standard deviation; drop "
+                "the column(s), or keep the current standardisation (Trainer: "
+                "standardize_context=False)"
+            )
+        self.loc.copy_(c.mean(0))
+        self.scale.copy_(c.std(0, correction=0))
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # an older conditional model has no statistics: it was trained on raw contexts
+        if prefix + "loc" not in state_dict and prefix + "scale" not in state_dict:
+            return
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}"
+
+
 class Flow(nn.Module):
     """A normalizing flow ``p(x | context)``.
 
@@ -74,9 +148,18 @@ class Flow(nn.Module):
         validate: check inputs (shape, dtype, finiteness, context) on every call. Shape and
             dtype checks are cheap; the finiteness check reads the data, so switch it off
             (``flow.validate = False``) in tight loops once the pipeline is trusted.
+            Under ``torch.compile`` (and ``torch.export``) the value checks (finiteness)
+            are skipped, since branching on a tensor's value would break the graph; the
+            shape, dtype and context checks still run: they read static metadata and
+            become guards of the compiled graph. Validate data eagerly once (or trust it)
+            before handing it to a compiled flow.
 
     Shapes: ``x`` is ``(*batch, *event_shape)``, ``context`` is ``(*batch, C)`` or broadcastable
     to it (a single ``(C,)`` context applies to the whole batch); log-probs are ``batch``-shaped.
+
+    A conditional flow standardises every context it is given with ``context_encoder``, a
+    :class:`ContextStandardizer` (the identity until fitted, e.g. by the Trainer), before its
+    transform and base read it; ``context_encoder`` is ``None`` for an unconditional flow.
     """
 
     def __init__(self, transform: Transform, base: BaseDistribution, validate: bool = True):
@@ -92,6 +175,11 @@ class Flow(nn.Module):
         self.transform = transform
         self.base = base
         self.validate = validate
+        c = self.context_features
+        anchor = base._anchor
+        self.context_encoder = (
+            ContextStandardizer(c, anchor.dtype, anchor.device) if c > 0 else None
+        )
 
     # -- properties -----------------------------------------------------------------------
     @property
@@ -143,8 +231,9 @@ class Flow(nn.Module):
                 "pass at least one sample"
             )
         # one reduction on the common path: the sum of finite values is finite unless it
-        # overflows, so only a non-finite sum pays for the elementwise count
-        if not torch.isfinite(x.sum()):
+        # overflows, so only a non-finite sum pays for the elementwise count; skipped when
+        # compiling, where a branch on a value would split the graph
+        if not torch.compiler.is_compiling() and not torch.isfinite(x.sum()):
             bad = int((~torch.isfinite(x)).sum())
             if bad:
                 raise DomainError(f"{name} contains {bad} non-finite value(s) (NaN or inf)")
@@ -174,7 +263,14 @@ class Flow(nn.Module):
                 f"context batch shape {_shape_str(tuple(context.shape[:-1]))} does not broadcast "
                 f"to the input batch shape {_shape_str(batch_shape)}"
             )
-        return context.expand(*batch_shape, c)
+        return self.encode_context(context).expand(*batch_shape, c)
+
+    def encode_context(self, context: Tensor | None) -> Tensor | None:
+        """A raw ``(*batch, C)`` context as the transform and base read it:
+        ``context_encoder(context)`` (``None`` stays ``None``; no validation)."""
+        if context is None or self.context_encoder is None:
+            return context
+        return self.context_encoder(context)
 
     def _as_context(self, context) -> Tensor:
         if not isinstance(context, Tensor):
@@ -187,7 +283,9 @@ class Flow(nn.Module):
         if self.validate:
             if not context.is_floating_point() or context.dtype != self.dtype:
                 raise DTypeError(f"context must have dtype {self.dtype}, got {context.dtype}")
-            # cheap sum check first, as for x in _as_input
+            # cheap sum check first, as for x in _as_input; eager only, as there
+            if torch.compiler.is_compiling():
+                return context
             if not torch.isfinite(context.sum()) and not torch.isfinite(context).all():
                 raise DomainError("context contains non-finite value(s) (NaN or inf)")
         return context
@@ -254,7 +352,7 @@ class Flow(nn.Module):
             )
         context = self._as_context(context)
         full = shape + tuple(context.shape[:-1])
-        return full, context.expand(*full, self.context_features)
+        return full, self.encode_context(context).expand(*full, self.context_features)
 
     def _base_sample(self, shape, context, generator, temperature: float = 1.0) -> Tensor:
         if self.base.context_features > 0:

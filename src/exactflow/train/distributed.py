@@ -13,6 +13,9 @@ holds the *same global state* and only the work of a step is split:
 * **gradients**: :class:`~torch.nn.parallel.DistributedDataParallel` averages them over the
   ranks during ``backward``. Each rank's mean loss is scaled by ``W n_r / B`` first, so the
   average is the gradient of the global-batch mean even when ``W`` does not divide ``B``.
+* **context** (conditional flows): the context rows travel with the data rows, so each rank
+  keeps the same slice of the global batch's contexts; the context standardisation is fitted
+  on the whole training context on every rank (the same numbers everywhere).
 * **metrics**: the step loss and the validation/test NLL (mean and standard error) are
   all-reduced sums, so every rank sees the global numbers and takes the same decisions
   (best weights, early stopping).
@@ -65,7 +68,7 @@ from ..flow import Flow
 from ..transforms.normalization import ActNorm
 from .checkpoint import load_checkpoint, parse_checkpoint, read_checkpoint_bytes
 from .ema import EMA
-from .engine import TrainConfig, Trainer
+from .engine import TrainConfig, Trainer, _check_context, _rows
 from .mmd import mmd2_rbf
 
 __all__ = [
@@ -363,9 +366,9 @@ class _ShardObjective(nn.Module):
         self.data_generator: torch.Generator | None = None
         self.sample_generator: torch.Generator | None = None
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         # the one-process trainer's objective, so declared penalties (RNODE) are never lost
-        mean = self.flow.training_loss(x, generator=self.data_generator)
+        mean = self.flow.training_loss(x, context, generator=self.data_generator)
         if self.mmd_weight > 0:
             samples = self.flow.rsample(self.mmd_samples, generator=self.sample_generator)
             penalty = mmd2_rbf(samples, x, self.mmd_bandwidths)
@@ -386,7 +389,8 @@ class DistributedTrainer(Trainer):
     (DDP's default bookkeeping; true of every model in :data:`exactflow.models.MODELS`).
 
     Args:
-        flow, train, val, config, batch_fn, checkpoint, meta: as for ``Trainer``.
+        flow, train, val, config, train_context, val_context, standardize_context, batch_fn,
+            checkpoint, meta: as for ``Trainer`` (every rank passes the full context tensors).
         context: the process group (default: :func:`current_context`).
 
     Raises:
@@ -401,6 +405,9 @@ class DistributedTrainer(Trainer):
         val: Tensor | None = None,
         config: TrainConfig | None = None,
         *,
+        train_context: Tensor | None = None,
+        val_context: Tensor | None = None,
+        standardize_context: bool | None = None,
         batch_fn: Callable[[Tensor, torch.Generator], Tensor] | None = None,
         checkpoint: str | Path | None = None,
         meta: dict[str, Any] | None = None,
@@ -417,7 +424,16 @@ class DistributedTrainer(Trainer):
         if not ctx.is_main and config.progress:
             config = replace(config, progress=False)  # one progress bar, rank 0's
         super().__init__(
-            flow, train, val, config, batch_fn=batch_fn, checkpoint=checkpoint, meta=meta
+            flow,
+            train,
+            val,
+            config,
+            train_context=train_context,
+            val_context=val_context,
+            standardize_context=standardize_context,
+            batch_fn=batch_fn,
+            checkpoint=checkpoint,
+            meta=meta,
         )
         rows = min(self.config.batch_size, self.train_data.shape[0])
         if rows < ctx.world_size:
@@ -465,26 +481,27 @@ class DistributedTrainer(Trainer):
             )
         return device
 
-    def _next_batch(self) -> Tensor:
-        x = self._next_rows()
+    def _next_batch(self) -> tuple[Tensor, Tensor | None]:
+        x, context = self._next_rows()
         lo, hi = shard_bounds(x.shape[0], self.dist.rank, self.dist.world_size)
-        return x[lo:hi].to(self.device, self.flow.dtype)
+        shard = None if context is None else context[lo:hi]
+        return self._to_device(x[lo:hi]), self._to_device(shard)
 
     def _step_seed(self) -> int:
         # per rank and step, so noise differs across ranks and needs no checkpointed state
         return ((self.config.seed * 1_000_003 + self.step) * 65_537 + self.dist.rank) % 2**62
 
-    def _objective(self, x: Tensor) -> tuple[Tensor, float]:
+    def _objective(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, float]:
         seed = self._step_seed()
         self.objective.data_generator.manual_seed(seed)
         if self.objective.sample_generator is not self.objective.data_generator:
             self.objective.sample_generator.manual_seed(seed)
         if self._init_pending:
             with synchronized_actnorm_init(self.flow, self.dist):
-                mean, penalty = self.ddp(x)
+                mean, penalty = self.ddp(x, context)
             self._init_pending = False  # a training forward initialises every ActNorm
         else:
-            mean, penalty = self.ddp(x)
+            mean, penalty = self.ddp(x, context)
         n = x.shape[0]
         stats = torch.stack(
             [mean.detach().double() * n, penalty.detach().double(), mean.new_tensor(n).double()]
@@ -530,24 +547,31 @@ class DistributedTrainer(Trainer):
         self.dist.run_on_main(lambda: Trainer.save(self, path))
 
     @torch.no_grad()
-    def nll(self, data: Tensor, seed: int | None = None) -> tuple[float, float]:
-        """Mean and standard error of ``-log p`` over ``data``, each rank evaluating a slice.
+    def nll(
+        self, data: Tensor, seed: int | None = None, *, context: Tensor | None = None
+    ) -> tuple[float, float]:
+        """Mean and standard error of ``-log p(x | c)`` over ``data``, each rank evaluating a
+        slice.
 
         Every rank runs ``batch_fn`` on each whole chunk of ``eval_batch_size`` rows (so each
-        row gets the noise it gets in one process) and evaluates its slice of the chunk; the
-        mean and the standard error come from all-reduced sums (two passes).
+        row gets the noise it gets in one process) and evaluates its slice of the chunk (and
+        of ``context``'s rows); the mean and the standard error come from all-reduced sums
+        (two passes).
         """
+        context = _check_context(self.flow, context, _rows(data, "data"), "data")
         g = torch.Generator().manual_seed(self.config.seed if seed is None else seed)
         was_training = self.flow.training
         self.flow.eval()
         values = [torch.zeros(0, dtype=torch.float64)]
+        step = self.config.eval_batch_size
         try:
-            for i in range(0, data.shape[0], self.config.eval_batch_size):
-                x = self.batch_fn(data[i : i + self.config.eval_batch_size], g)
+            for i in range(0, data.shape[0], step):
+                x = self.batch_fn(data[i : i + step], g)
                 lo, hi = shard_bounds(x.shape[0], self.dist.rank, self.dist.world_size)
                 if hi > lo:
-                    x = x[lo:hi].to(self.device, self.flow.dtype)
-                    values.append(-self.flow.log_prob(x).double().cpu())
+                    c = None if context is None else context[i : i + step][lo:hi]
+                    x = self._to_device(x[lo:hi])
+                    values.append(-self.flow.log_prob(x, self._to_device(c)).double().cpu())
         finally:
             self.flow.train(was_training)
         v = torch.cat(values)

@@ -14,7 +14,11 @@ a tensor of training rows, with
   ``torch.Generator`` whose state is checkpointed, so a resumed run continues bit-for-bit
   on CPU;
 * atomic safetensors checkpoints (:mod:`.checkpoint`) and a tqdm progress bar;
-* an optional MMD penalty between model samples and data (:mod:`.mmd`).
+* an optional MMD penalty between model samples and data (:mod:`.mmd`);
+* conditional training of ``p(x | c)``: ``train_context``/``val_context`` rows travel with the
+  data rows (every batch takes the same indices of both), and the flow's context
+  standardisation (:class:`~exactflow.flow.ContextStandardizer`) is fitted on the training
+  context, so it is saved, resumed and exported with the model.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, DTypeError, ExactflowError, ShapeError
+from ..errors import ConfigError, ContextError, DataError, DTypeError, ExactflowError, ShapeError
 from ..flow import Flow
 from .checkpoint import (
     load_checkpoint,
@@ -220,13 +224,31 @@ def resolve_device(name: str) -> torch.device:
 class Trainer:
     """Fit a :class:`~exactflow.Flow` by maximum likelihood (see the module docstring).
 
+    Raises:
+        ContextError: a context for an unconditional flow, none for a conditional one, a
+            context of the wrong width (not ``(rows, flow.context_features)``), or
+            ``val_context`` without ``val``.
+        DataError: context rows that do not match the data rows, non-finite context values,
+            a constant context column (with ``standardize_context``).
+        ConfigError: the MMD penalty with a conditional flow (not supported).
+
     Args:
         flow: the model; trained in place.
         train: ``(N, ...)`` training rows (kept on the CPU, batches moved to the device).
         val: validation rows for best-weight selection and early stopping, or ``None``.
         config: a :class:`TrainConfig`.
-        batch_fn: ``(rows, generator) -> model input`` applied to every batch on the CPU
-            (dequantisation, reshaping); identity by default.
+        train_context: ``(N, C)`` context rows of a conditional flow (``C =
+            flow.context_features``), row ``i`` the context of ``train[i]``; required for a
+            conditional flow, refused for an unconditional one. Every batch draws the same
+            row indices of ``train`` and ``train_context``; ``batch_fn`` sees only the data.
+        val_context: ``(M, C)`` context rows of ``val`` (required with ``val`` for a
+            conditional flow).
+        standardize_context: fit ``flow.context_encoder`` (per-column mean and standard
+            deviation) on ``train_context`` before training. ``None`` (default) means on for
+            a conditional flow; pass ``False`` to keep the flow's current standardisation
+            (fine-tuning a trained model, or contexts that are already standardised). The
+            statistics are part of the model (state dict, checkpoints, ONNX export), so
+            callers always pass raw contexts.
         checkpoint: path of the resumable checkpoint file, or ``None``.
         meta: extra JSON-ready metadata stored in every checkpoint.
         compile: run the model's objective, ``flow.training_loss`` (forward and backward),
@@ -246,6 +268,9 @@ class Trainer:
         val: Tensor | None = None,
         config: TrainConfig | None = None,
         *,
+        train_context: Tensor | None = None,
+        val_context: Tensor | None = None,
+        standardize_context: bool | None = None,
         batch_fn: Callable[[Tensor, torch.Generator], Tensor] | None = None,
         checkpoint: str | Path | None = None,
         meta: dict[str, Any] | None = None,
@@ -262,9 +287,31 @@ class Trainer:
                 raise ShapeError(
                     f"{name} data must be a non-empty tensor (N, ...), got {data!r:.60}"
                 )
+        if val is None and val_context is not None:
+            raise ContextError("val_context was given without val data; pass both or neither")
+        self.train_context = _check_context(flow, train_context, train.shape[0], "train")
+        self.val_context = (
+            None if val is None else _check_context(flow, val_context, val.shape[0], "val")
+        )
+        if standardize_context is None:
+            standardize_context = flow.context_features > 0
+        elif not isinstance(standardize_context, bool):
+            raise DTypeError(
+                f"standardize_context must be a bool or None, got "
+                f"{type(standardize_context).__name__}"
+            )
+        elif standardize_context and flow.context_features == 0:
+            raise ConfigError("standardize_context=True needs a conditional flow (context > 0)")
         self.config = config or TrainConfig()
+        if self.train_context is not None and self.config.mmd_weight > 0:
+            raise ConfigError(
+                "the MMD penalty compares unconditional samples with the data; it is not "
+                "defined for a conditional flow: set mmd_weight = 0"
+            )
         self.device = self._select_device(self.config.device)
         self.flow = flow.to(self.device)
+        if standardize_context:
+            flow.context_encoder.fit(self.train_context)
         self.train_data = train.detach().cpu()
         self.val_data = None if val is None else val.detach().cpu()
         self.batch_fn = batch_fn or (lambda x, g: x)
@@ -313,9 +360,9 @@ class Trainer:
     def _read_checkpoint(self, path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
         return load_checkpoint(path)
 
-    def _objective(self, x: Tensor) -> tuple[Tensor, float]:
+    def _objective(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, float]:
         """The loss to differentiate and its value for the whole (global) batch."""
-        loss = self._loss(x)
+        loss = self._loss(x, context)
         return loss, float(loss.detach())
 
     def _clip_gradients(self) -> float:
@@ -324,36 +371,49 @@ class Trainer:
         return float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
 
     # -- data ----------------------------------------------------------------------------------
-    def _next_batch(self) -> Tensor:
-        return self._next_rows().to(self.device, self.flow.dtype)
+    def _to_device(self, rows: Tensor | None) -> Tensor | None:
+        return None if rows is None else rows.to(self.device, self.flow.dtype)
 
-    def _next_rows(self) -> Tensor:
-        """The next batch of ``batch_size`` rows after ``batch_fn``, on the CPU."""
+    def _next_batch(self) -> tuple[Tensor, Tensor | None]:
+        """The next model input and its context rows (``None`` when unconditional), on the
+        device."""
+        x, context = self._next_rows()
+        return self._to_device(x), self._to_device(context)
+
+    def _next_rows(self) -> tuple[Tensor, Tensor | None]:
+        """The next batch of ``batch_size`` rows after ``batch_fn`` and the context rows of
+        the same indices, on the CPU."""
         n, b = self.train_data.shape[0], min(self.config.batch_size, self.train_data.shape[0])
         if self.pos + b > n:
             self.perm = torch.randperm(n, generator=self.generator)
             self.pos = 0
         idx = self.perm[self.pos : self.pos + b]
         self.pos += b
-        return self.batch_fn(self.train_data[idx], self.generator)
+        context = None if self.train_context is None else self.train_context[idx]
+        return self.batch_fn(self.train_data[idx], self.generator), context
 
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
-    def nll(self, data: Tensor, seed: int | None = None) -> tuple[float, float]:
-        """Mean and standard error of ``-log p`` over ``data`` with the current weights.
+    def nll(
+        self, data: Tensor, seed: int | None = None, *, context: Tensor | None = None
+    ) -> tuple[float, float]:
+        """Mean and standard error of ``-log p(x | c)`` over ``data`` with the current weights.
 
         The pre-processing noise (dequantisation) is drawn from a generator seeded with
         ``seed`` (default: the config seed), so repeated evaluations are comparable.
+        ``context``: ``(N, C)`` rows for a conditional flow (checked as ``train_context``).
         """
+        context = _check_context(self.flow, context, _rows(data, "data"), "data")
         g = torch.Generator().manual_seed(self.config.seed if seed is None else seed)
         was_training = self.flow.training
         self.flow.eval()
         values = []
+        step = self.config.eval_batch_size
         try:
-            for i in range(0, data.shape[0], self.config.eval_batch_size):
-                x = self.batch_fn(data[i : i + self.config.eval_batch_size], g)
-                x = x.to(self.device, self.flow.dtype)
-                values.append(-self.flow.log_prob(x).double().cpu())
+            for i in range(0, data.shape[0], step):
+                x = self._to_device(self.batch_fn(data[i : i + step], g))
+                c = None if context is None else self._to_device(context[i : i + step])
+                values.append(-self.flow.log_prob(x, c).double().cpu())
         finally:
             self.flow.train(was_training)
         v = torch.cat(values)
@@ -370,10 +430,10 @@ class Trainer:
         if self.val_data is None:
             return
         if self.ema is None:
-            val, _ = self.nll(self.val_data)
+            val, _ = self.nll(self.val_data, context=self.val_context)
         else:
             with self.ema.applied():
-                val, _ = self.nll(self.val_data)
+                val, _ = self.nll(self.val_data, context=self.val_context)
         self.val_history.append([self.step, val])
         if val < self.best_val - self.config.min_delta:
             self.best_val, self.best_step = val, self.step
@@ -385,22 +445,23 @@ class Trainer:
                 self.stopped_early = True
 
     # -- one step ------------------------------------------------------------------------------
-    def _loss(self, x: Tensor) -> Tensor:
+    def _loss(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """The step's loss: the model's objective, plus the MMD penalty when configured."""
-        loss = self._loss_fn(x)
+        loss = self._loss_fn(x, context)
         c = self.config
         if c.mmd_weight > 0:
             samples = self.flow.rsample(c.mmd_samples, generator=self.sample_generator)
             loss = loss + c.mmd_weight * mmd2_rbf(samples, x, c.mmd_bandwidths or None)
         return loss
 
-    def _model_loss(self, x: Tensor) -> Tensor:
-        """``flow.training_loss`` of the batch ``x`` (the function ``compile`` wraps).
+    def _model_loss(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """``flow.training_loss`` of the batch ``x`` given its ``context`` rows (the function
+        ``compile`` wraps).
 
         The model owns its objective (NLL plus declared penalties, or flow matching's
         regression), so the engine stays model-agnostic; validation is always the exact NLL.
         """
-        return self.flow.training_loss(x, generator=self.generator)
+        return self.flow.training_loss(x, context, generator=self.generator)
 
     def _set_lr(self) -> None:
         c = self.config
@@ -408,15 +469,16 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def train_step(self, x: Tensor) -> float:
-        """One guarded update on the model input ``x``; returns the loss (NaN if skipped).
+    def train_step(self, x: Tensor, context: Tensor | None = None) -> float:
+        """One guarded update on the model input ``x`` (and its ``context`` rows, for a
+        conditional flow); returns the loss (NaN if skipped).
 
         A non-finite loss or gradient leaves weights, optimiser and EMA untouched, warns,
         and counts towards ``max_nonfinite``.
         """
         self._set_lr()
         self.optimizer.zero_grad(set_to_none=True)
-        loss, value = self._objective(x)
+        loss, value = self._objective(x, context)
         problem = None
         if not math.isfinite(value):
             problem = f"loss is {value}"
@@ -554,8 +616,10 @@ class Trainer:
                 # whitened data is the Gaussian fit, and training must not end up worse
                 self._validate()
             while self.step < c.steps and not self.stopped_early:
-                x = self._next_batch()
-                loss = self.train_step(x)
+                x, context = self._next_batch()
+                # the one-argument call for an unconditional run keeps train_step wrappers
+                # written for it working
+                loss = self.train_step(x) if context is None else self.train_step(x, context)
                 self.losses.append(loss)
                 self.step += 1
                 if math.isfinite(loss):
@@ -599,6 +663,59 @@ class Trainer:
         elif self.ema is not None:
             self.flow.load_state_dict(self._eval_state())
         self.flow.eval()
+
+
+def _rows(data, name: str) -> int:
+    if not isinstance(data, Tensor) or data.dim() < 1:
+        raise ShapeError(f"{name} must be a tensor (N, ...), got {type(data).__name__}")
+    return data.shape[0]
+
+
+def _check_context(flow: Flow, context, rows: int, name: str) -> Tensor | None:
+    """``context`` for the ``rows`` rows of data set ``name`` as a CPU tensor, checked: present
+    exactly when ``flow`` is conditional, ``(rows, C)``, finite."""
+    c = flow.context_features
+    label = f"{name}_context" if name in ("train", "val") else "context"
+    if context is None:
+        if c > 0:
+            raise ContextError(
+                f"this flow is conditional (context_features={c}) but no {label} was given; "
+                f"pass the ({rows}, {c}) context rows of {name}"
+            )
+        return None
+    shape = tuple(getattr(context, "shape", ()))
+    if c == 0:
+        raise ContextError(
+            f"this flow is unconditional (context_features=0) but {label} of shape {shape} "
+            "was given; build the model with context=C to train p(x | c)"
+        )
+    if not isinstance(context, Tensor):
+        raise DTypeError(
+            f"{label} must be a torch.Tensor ({rows}, {c}), got {type(context).__name__}"
+        )
+    if context.is_complex():
+        raise DTypeError(f"{label} must be real, got {context.dtype}")
+    if context.dim() != 2 or context.shape[1] != c:
+        got = context.shape[-1] if context.dim() >= 1 else "no"
+        raise ContextError(
+            f"{label} must have shape ({rows}, {c}) for this flow (context_features={c}), got "
+            f"{shape} ({got} column(s))"
+        )
+    if context.shape[0] != rows:
+        raise DataError(
+            f"{label} has {context.shape[0]} row(s) but {name} has {rows}; give one context "
+            "row per data row"
+        )
+    context = context.detach().cpu()
+    if context.is_floating_point():
+        bad = ~torch.isfinite(context)
+        if bool(bad.any()):
+            row, col = (int(v) for v in bad.nonzero()[0])
+            raise DataError(
+                f"{label} contains {int(bad.sum())} non-finite value(s) (NaN or inf), the first "
+                f"at row {row}, column {col}"
+            )
+    return context
 
 
 def _progress(config: TrainConfig, initial: int):
