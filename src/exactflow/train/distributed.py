@@ -389,8 +389,7 @@ class DistributedTrainer(Trainer):
     (DDP's default bookkeeping; true of every model in :data:`exactflow.models.MODELS`).
 
     Args:
-        flow, train, val, config, train_context, val_context, standardize_context, batch_fn,
-            checkpoint, meta: as for ``Trainer`` (every rank passes the full context tensors).
+        flow, train, val, config, train_context, val_context, standardize_context, batch_fn, checkpoint, meta: as for ``Trainer`` (every rank passes the full context tensors).
         context: the process group (default: :func:`current_context`).
 
     Raises:
