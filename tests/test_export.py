@@ -331,7 +331,7 @@ def test_cli_export_and_score_match_eval_in_data_space(tmp_path, capsys):
         (["score", str(tmp_path / "none.onnx"), str(data)], "no such ONNX file"),
         (["score", str(model), str(tmp_path / "none.csv")], "no such file"),
         (["score", str(model), str(narrow)], "rows have 2 columns but the model expects 3"),
-        (["score", str(sampler), str(data)], "needs an unconditional log_prob export"),
+        (["score", str(sampler), str(data)], "needs a log_prob export (input x[, context]"),
         (["score", str(data), str(data)], "not a loadable ONNX model"),
         (["export", str(run), "--out", str(model)], "exists; pass --force"),
     ]:

@@ -388,7 +388,7 @@ def test_eval_and_sample_check_their_arguments(work, capsys, monkeypatch):
     _one_line(*_cli(capsys, "eval", "run", "--seed", "-1"), "--seed")
     _one_line(*_cli(capsys, "sample", "run", "-n", "2.5", "--out", "s.npy"), "-n", "'2.5'")
     _one_line(*_cli(capsys, "sample", "run", "--out", "nowhere/s.npy"), "nowhere")
-    _one_line(*_cli(capsys, "sample", "run", "--out", "s.txt"), ".npy or .png")
+    _one_line(*_cli(capsys, "sample", "run", "--out", "s.txt"), ".npy, .csv or .png")
     _one_line(*_cli(capsys, "eval", "no_such_run"), "no_such_run")
     _one_line(*_cli(capsys, "eval"), "the following arguments are required: run")
     _one_line(*_cli(capsys, "trian"), "invalid choice: 'trian'")

@@ -352,11 +352,14 @@ class Detector:
             raise DataError(f"{path}: has {table.shape[1]} columns but the model expects {d}")
         return self.score(torch.as_tensor(table))
 
-    def calibrate(self, x, quantile: float | None = None) -> Detector:
-        """Set the threshold to the ``quantile`` of the scores of in-distribution ``x``."""
+    def calibrate(
+        self, x, quantile: float | None = None, context: Tensor | None = None
+    ) -> Detector:
+        """Set the threshold to the ``quantile`` of the scores of in-distribution ``x``
+        (given its ``(N, C)`` ``context`` rows for a conditional flow)."""
         if quantile is not None:
             self.quantile = _check_quantile(quantile)
-        s = self.score(x)
+        s = self.score(x, context)
         self.threshold = quantile_threshold(s, self.quantile)
         self.calibration = {"n": int(s.size), "mean": float(s.mean()), "std": float(s.std())}
         return self

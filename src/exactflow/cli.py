@@ -62,7 +62,27 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a flow (default: NSF on two moons)")
-    t.add_argument("--data", help="dataset name or .npy/.csv file (default: moons)")
+    t.add_argument(
+        "--data",
+        help="dataset name, .npy/.csv file, or sbi:TASK for neural posterior estimation "
+        "(default: moons)",
+    )
+    t.add_argument(
+        "--context-columns",
+        help="train p(x | c): these columns of the --data file (header names or 0-based "
+        "indices, comma-separated) are the context c, the others x",
+    )
+    t.add_argument(
+        "--context", help="train p(x | c) with c from this .npy/.csv file (one row per data row)"
+    )
+    t.add_argument(
+        "--condition",
+        choices=("label",),
+        help="class-conditional: digits/iris/moons/8gaussians given their one-hot label",
+    )
+    t.add_argument(
+        "--simulations", type=int, help="with --data sbi:TASK: simulations (default 10000)"
+    )
     t.add_argument("--model", help="model name from exactflow.models.MODELS (default: nsf)")
     t.add_argument("--steps", type=int, help="optimisation steps")
     t.add_argument("--batch-size", type=int, help="rows per step")
@@ -86,12 +106,22 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="run directory")
     e.add_argument("--data", help="evaluate on this .npy/.csv file instead of the test split")
     e.add_argument("--seed", type=int, help="seed of the dequantisation noise")
+    e.add_argument(
+        "--context", help="context rows of --data, for a run trained with a context file"
+    )
     e.add_argument("--allow-nonfinite", action="store_true", help=_NONFINITE_HELP)
 
     s = sub.add_parser("sample", help="draw samples from a trained run")
     s.add_argument("run", help="run directory")
     s.add_argument("-n", type=int, default=1000, help="number of samples (default 1000)")
-    s.add_argument("--out", required=True, help="samples.npy or samples.png")
+    s.add_argument("--out", required=True, help="samples.npy, samples.csv or samples.png")
+    s.add_argument(
+        "--context",
+        help="a conditional run's context: 'v1,v2,...' in raw units (or a class, '3')",
+    )
+    s.add_argument(
+        "--context-file", help=".npy/.csv of context rows: -n samples for each row, in order"
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--force", action="store_true", help="overwrite --out")
     s.add_argument("--allow-nonfinite", action="store_true", help=_NONFINITE_HELP)
@@ -113,6 +143,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--labels", help="one-column .npy/.csv of 0/1 (1 = anomaly) for metrics")
     d.add_argument("--quantile", type=float, default=0.99, help="of validation scores (0.99)")
     d.add_argument("--out", help="output directory (default RUN/detect)")
+    d.add_argument(
+        "--context", help="context rows of --data, for a run trained with a context file"
+    )
     d.add_argument("--allow-nonfinite", action="store_true", help=_NONFINITE_HELP)
 
     x = sub.add_parser("export", help="export a trained run to ONNX (log_prob or sample)")
@@ -132,6 +165,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("data", help=".npy/.csv rows to score")
     r.add_argument("--out", help="write scores to .npy or .csv (default: print one per line)")
     r.add_argument("--batch-size", type=int, default=4096, help="rows per run (default 4096)")
+    r.add_argument("--context", help="a conditional export's context rows (.npy/.csv)")
     return p
 
 
@@ -206,6 +240,7 @@ def _cmd_train(args) -> int:
     if args.config:
         cfg = RunConfig.read(args.config, base=cfg)
     cfg.data, cfg.model = data, model
+    _context_options(args, cfg)
     train = cfg.train
     for name, value in (
         ("steps", args.steps),
@@ -224,6 +259,40 @@ def _cmd_train(args) -> int:
     metrics = train_run(cfg, out, force=args.force, plots=not args.no_plots, quiet=args.quiet)
     _print_metrics(metrics, out)
     return 0
+
+
+def _context_options(args, cfg) -> None:
+    """--context-columns / --context / --condition / --simulations into ``[data_args]``."""
+    from .app.run import SBI_PREFIX
+
+    given = [
+        f"--{n.replace('_', '-')}"
+        for n in ("context_columns", "context", "condition")
+        if getattr(args, n) is not None
+    ]
+    if len(given) > 1:
+        raise _Usage(f"give one way to condition, not {' and '.join(given)}")
+    sbi = cfg.data.startswith(SBI_PREFIX)
+    is_file = Path(cfg.data).suffix.lower() in (".npy", ".csv")
+    if (args.context_columns is not None or args.context is not None) and not is_file:
+        raise _Usage(f"{given[0]} needs --data to be a .npy/.csv file, got {cfg.data!r}")
+    if args.condition is not None and is_file:
+        raise _Usage(
+            "--condition label needs a data set with class labels (digits, iris, moons, "
+            "8gaussians); for a file, name its label columns with --context-columns"
+        )
+    if args.simulations is not None and not sbi:
+        raise _Usage(f"--simulations goes with --data sbi:TASK, got --data {cfg.data!r}")
+    if sbi and given:
+        raise _Usage(f"{given[0]}: sbi:TASK data is conditioned on the simulations already")
+    if args.context_columns is not None:
+        cfg.data_args["context_columns"] = args.context_columns
+    if args.context is not None:
+        cfg.data_args["context"] = args.context
+    if args.condition is not None:
+        cfg.data_args["condition"] = args.condition
+    if args.simulations is not None:
+        cfg.data_args["simulations"] = args.simulations
 
 
 def _fmt(v: float) -> str:
@@ -252,7 +321,13 @@ def _cmd_eval(args) -> int:
 
     if args.seed is not None:
         check_seed(args.seed, "--seed")
-    r = evaluate_run(args.run, data=args.data, seed=args.seed, allow_nonfinite=args.allow_nonfinite)
+    r = evaluate_run(
+        args.run,
+        data=args.data,
+        seed=args.seed,
+        context=args.context,
+        allow_nonfinite=args.allow_nonfinite,
+    )
     line = f"{r['source']}: NLL {_fmt(r['nll'])} ± {_fmt(r['nll_se'])} nats over {r['n']} rows"
     if "bits_per_dim" in r:
         line += f"  ({_fmt(r['bits_per_dim'])} ± {_fmt(r['bits_per_dim_se'])} bits/dim)"
@@ -271,6 +346,8 @@ def _cmd_sample(args) -> int:
         args.out,
         seed=args.seed,
         force=args.force,
+        context=args.context,
+        context_file=args.context_file,
         allow_nonfinite=args.allow_nonfinite,
     )
     print(f"wrote {arr.shape[0]} samples of shape {tuple(arr.shape[1:])} to {args.out}")
@@ -349,6 +426,7 @@ def _cmd_detect(args) -> int:
         args.labels,
         args.quantile,
         args.out,
+        context=args.context,
         allow_nonfinite=args.allow_nonfinite,
     )
     print(
@@ -378,12 +456,14 @@ def _cmd_export(args) -> int:
     run = load_run(args.run, allow_nonfinite=args.allow_nonfinite)
     to_onnx(run.flow, out, what=args.what, solver=args.solver, steps=args.steps)
     event = "x".join(str(s) for s in run.event_shape)
+    c = run.flow.context_features
+    ctx = f", context (N, {c}) in raw units" if c else ""
     if args.what == "log_prob":
-        io = f"x (N, {event}) -> log_prob (N,) in nats of the original data space"
+        io = f"x (N, {event}){ctx} -> log_prob (N,) in nats of the original data space"
     elif args.what == "sample":
-        io = f"noise (N, {event}) ~ N(0, I), temperature () -> x (N, {event}) in data units"
+        io = f"noise (N, {event}) ~ N(0, I), temperature (){ctx} -> x (N, {event}) in data units"
     else:
-        io = f"x (N, {event}) -> z, ladj (pre-processing included)"
+        io = f"x (N, {event}){ctx} -> z, ladj (pre-processing included)"
     print(f"wrote {out}: {io}")
     if run.data_meta.get("levels") is not None:
         print("note: discrete data: x is the dequantised value (integer levels + U[0, 1) noise)")
@@ -422,11 +502,18 @@ def _cmd_score(args) -> int:
     except Exception as err:  # onnxruntime raises its own (non-builtin) error types
         raise DataError(f"{path}: not a loadable ONNX model ({str(err).splitlines()[0]})") from err
     inputs = {i.name: i for i in session.get_inputs()}
-    if set(inputs) != {"x"} or [o.name for o in session.get_outputs()] != ["log_prob"]:
+    if set(inputs) - {"context"} != {"x"} or [o.name for o in session.get_outputs()] != [
+        "log_prob"
+    ]:
         raise DataError(
-            f"{path}: score needs an unconditional log_prob export (input x, output log_prob); "
+            f"{path}: score needs a log_prob export (input x[, context], output log_prob); "
             f"this model has inputs {', '.join(inputs)}"
         )
+    conditional = "context" in inputs
+    if conditional and args.context is None:
+        raise _Usage(f"{path} is conditional: pass --context FILE with one row per data row")
+    if not conditional and args.context is not None:
+        raise _Usage(f"{path} is unconditional: it takes no --context")
     event = inputs["x"].shape[1:]
     if not all(isinstance(s, int) for s in event):
         raise DataError(f"{path}: the model's event shape {event} is not fixed")
@@ -437,8 +524,18 @@ def _cmd_score(args) -> int:
             f"{args.data}: rows have {rows.shape[1]} columns but the model expects {width}"
         )
     x = rows.astype(np.float32).reshape(rows.shape[0], *event)
+    feeds = {"x": x}
+    if conditional:
+        c = read_table(args.context).astype(np.float32)
+        width_c = inputs["context"].shape[-1]
+        if c.shape[0] != x.shape[0] or (isinstance(width_c, int) and c.shape[1] != width_c):
+            raise DataError(
+                f"{args.context}: context of shape {c.shape}; the data has {x.shape[0]} rows "
+                f"and the model takes {width_c} context column(s)"
+            )
+        feeds["context"] = c
     chunks = [
-        session.run(None, {"x": x[i : i + args.batch_size]})[0]
+        session.run(None, {k: v[i : i + args.batch_size] for k, v in feeds.items()})[0]
         for i in range(0, x.shape[0], args.batch_size)
     ]
     scores = np.concatenate(chunks).astype(np.float64)

@@ -62,6 +62,8 @@ __all__ = [
 ]
 
 MODEL_FORMAT = "exactflow-model"
+# ``data = "sbi:TASK"``: neural posterior estimation on simulations of a benchmark task
+SBI_PREFIX = "sbi:"
 OUTPUT_FILES = (
     "config.toml",
     "checkpoint.safetensors",
@@ -96,6 +98,8 @@ def data_kind(data: str) -> str | None:
     scikit-learn's ``digits`` counts as image data (discrete pixels), whatever its layout."""
     from ..data import IMAGES, TABULAR, TOY
 
+    if data.startswith(SBI_PREFIX):
+        return "simulation"
     if data in TOY:
         return "toy"
     if data == "digits" or data in IMAGES:
@@ -134,6 +138,10 @@ def default_config(data: str = "moons", model: str = "nsf") -> RunConfig:
         # figures behind this budget: benchmarks/README.md, "Quality (digits)"
         t.steps, t.batch_size, t.lr, t.warmup = 800, 256, 1e-3, 100
         t.weight_decay, t.ema, t.eval_every, t.patience = 1.0, 0.995, 100, 5
+    elif kind == "simulation":
+        # what exactflow.sbi.train_npe trains with, so the CLI and the API agree
+        t.steps, t.batch_size, t.lr, t.warmup = 5000, 256, 5e-4, 100
+        t.eval_every = 250
     elif kind == "tabular":
         t.steps, t.batch_size, t.lr, t.warmup = 2000, 128, 1e-3, 50
         t.weight_decay, t.ema, t.eval_every, t.patience = 1e-2, 0.99, 25, 8
@@ -175,6 +183,7 @@ def build_flow(
     _check_builder_args(spec, model_args, model)
     shape = tuple(data_meta["shape"])
     first = spec.first_argument(shape)
+    model_args = _with_context(model, model_args, int(data_meta.get("context") or 0))
     try:
         inner = spec(first, **model_args)
     except TypeError as err:
@@ -194,6 +203,7 @@ def build_flow(
             event_shape,
             levels=data_meta.get("levels"),
             alpha=data_meta.get("alpha", 0.05),
+            support=data_meta.get("support"),
         )
     # a model with its own Flow subclass (flow matching: training_loss, solver overrides)
     # keeps it around the pre-processing
@@ -201,6 +211,76 @@ def build_flow(
     if callable(wrap):
         return wrap(pre), event_shape
     return Flow(Compose([pre, inner.transform]), inner.base), event_shape
+
+
+def _with_context(model: str, model_args: dict[str, Any], context: int) -> dict[str, Any]:
+    """``model_args`` with the data's context size: a conditional data set sets ``context``
+    itself (a different ``[model_args] context`` is an error, as is one for plain data)."""
+    given = model_args.get("context")
+    if context == 0:
+        if given:
+            raise ConfigError(
+                f"[model_args] context = {given!r} but the data has no context; condition the "
+                "data (--context-columns, --context, --condition) or drop the key"
+            )
+        return model_args
+    if given not in (None, context):
+        raise ConfigError(
+            f"[model_args] context = {given!r} but the data has {context} context column(s); "
+            "drop the key: the context size comes from the data"
+        )
+    return {**model_args, "context": context}
+
+
+def load_run_data(cfg: RunConfig) -> Dataset:
+    """The :class:`~exactflow.data.Dataset` of a run: ``load_dataset(cfg.data, cfg.seed,
+    **cfg.data_args)``, or for ``data = "sbi:TASK"`` simulations of that benchmark task
+    (``[data_args] simulations``, ``val``, ``test``), theta as the data and x as the context."""
+    if cfg.data.startswith(SBI_PREFIX):
+        return sbi_dataset(cfg.data[len(SBI_PREFIX) :], cfg.seed, **cfg.data_args)
+    return load_dataset(cfg.data, cfg.seed, **cfg.data_args)
+
+
+def sbi_dataset(
+    task: str, seed: int = 0, simulations: int = 10_000, val: float = 0.1, test: float = 0.1
+) -> Dataset:
+    """``simulations`` seeded pairs ``theta ~ p(theta)``, ``x ~ p(x | theta)`` of the
+    benchmark task ``task`` as a conditional :class:`~exactflow.data.Dataset` of ``theta``
+    given ``x``, split with ``seed``. A bounded prior's box is the data's ``support`` (the
+    flow then starts with the box -> R^d bijection and can only sample inside it); ``theta``
+    is standardised in that space, as :func:`exactflow.sbi.train_npe` does."""
+    from ..data import split
+    from ..sbi import get_task
+
+    n = check_count(simulations, "[data_args] simulations", minimum=2)
+    sim = get_task(task)
+    g = torch.Generator().manual_seed(int(seed))
+    theta, x = sim.sample_joint(n, g, torch.float32)
+    ok = torch.isfinite(x).all(dim=-1) & torch.isfinite(theta).all(dim=-1)
+    if not bool(ok.all()):
+        warnings.warn(
+            f"{task}: {int((~ok).sum())} of {n} simulations are non-finite and were dropped",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        theta, x = theta[ok], x[ok]
+    d = theta.shape[1]
+    parts = split(torch.cat([theta, x], dim=1), val, test, generator=g)
+    bounds = sim.bounds
+    return Dataset(
+        name=SBI_PREFIX + sim.name,
+        train=parts.train[:, :d],
+        val=parts.val[:, :d],
+        test=parts.test[:, :d],
+        shape=(d,),
+        preprocessing="standardize",
+        train_context=parts.train[:, d:],
+        val_context=parts.val[:, d:],
+        test_context=parts.test[:, d:],
+        context_names=tuple(f"x{i}" for i in range(x.shape[1])),
+        context_kind="simulation",
+        support=None if bounds is None else tuple(b.tolist() for b in bounds),
+    )
 
 
 def _batch_fn(dataset_discrete: bool, event_shape: tuple[int, ...]):
@@ -501,6 +581,8 @@ def _train(
         dataset.train,
         dataset.val,
         cfg.train,
+        train_context=dataset.train_context,
+        val_context=dataset.val_context,
         batch_fn=_batch_fn(dataset.discrete, event_shape),
         checkpoint=ckpt,
         meta={"run": cfg.to_dict(), "data": dataset.meta(), "event_shape": list(event_shape)},
@@ -508,15 +590,16 @@ def _train(
     # validated: now the directory (on resume: only its stale temporary files)
     config_text = None if resume else cfg.to_toml()
     on_main(dist, lambda: _create_out(out, config_text, force and not resume))
+    given = f" given {dataset.context} context column(s)" if dataset.context else ""
     _log(
-        f"training {cfg.model} ({n_params:,} parameters) on {cfg.data}: "
+        f"training {cfg.model} ({n_params:,} parameters) on {cfg.data}{given}: "
         f"{dataset.train.shape[0]} train / {dataset.val.shape[0]} val / "
         f"{dataset.test.shape[0]} test rows, {cfg.train.steps} steps"
         + (" (resumed)" if resume else ""),
         quiet,
     )
     result = trainer.fit(resume=resume)
-    test_nll, test_se = trainer.nll(dataset.test, seed=cfg.seed + 1)
+    test_nll, test_se = trainer.nll(dataset.test, seed=cfg.seed + 1, context=dataset.test_context)
     metrics: dict[str, Any] = {
         "data": cfg.data,
         "model": cfg.model,
@@ -531,10 +614,11 @@ def _train(
         "train_time_s": result.wall_time,
         "n_params": n_params,
         "features": dataset.features,
+        "context": dataset.context,
         "n_test": int(dataset.test.shape[0]),
     }
     extra = getattr(flow, "evaluation_metrics", None)  # e.g. NFE and straightness
-    if callable(extra):
+    if callable(extra) and not dataset.context:
         metrics.update(extra(dataset.test, seed=cfg.seed))
     if dataset.discrete:
         metrics["bits_per_dim"] = bits_per_dim(test_nll, dataset.features)
@@ -556,8 +640,8 @@ def _load_main_first(cfg: RunConfig, dist: DistributedContext | None) -> Dataset
     # rank 0 first: a data set fetched into a cache is downloaded once, and a bad file
     # fails on every rank alike
     loaded: list[Dataset] = []
-    on_main(dist, lambda: loaded.append(load_dataset(cfg.data, cfg.seed, **cfg.data_args)))
-    return loaded[0] if loaded else load_dataset(cfg.data, cfg.seed, **cfg.data_args)
+    on_main(dist, lambda: loaded.append(load_run_data(cfg)))
+    return loaded[0] if loaded else load_run_data(cfg)
 
 
 def _save_model(path, flow, cfg, data_meta, event_shape, metrics) -> None:
@@ -585,6 +669,14 @@ def _plots(out: Path, flow: Flow, dataset: Dataset, result, seed: int) -> None:
 
     plot_loss(result.losses, result.val_history, out / "loss.png")
     g = torch.Generator(device=flow.device).manual_seed(seed)
+    if dataset.context:
+        if dataset.context_kind == "label" and dataset.image_shape is not None:
+            # one row of samples per class
+            classes = dataset.context
+            c = torch.eye(classes, device=flow.device, dtype=flow.dtype).repeat_interleave(8, 0)
+            x = flow.sample(1, c, generator=g).reshape(classes * 8, -1)
+            plot_images(_to_images(x, dataset.meta()), out / "samples.png", nrow=8)
+        return
     if dataset.features == 2 and len(dataset.shape) == 1:
         plot_density_2d(flow, dataset.test, out / "density.png", generator=g)
     elif dataset.image_shape is not None:
@@ -675,6 +767,9 @@ def _check_model_meta(meta: dict[str, Any], file: Path) -> None:
     need(data, "preprocessing", (str,), "data.preprocessing")
     need(data, "levels", (int, type(None)), "data.levels", optional=True)
     need(data, "image_shape", (list, type(None)), "data.image_shape", optional=True)
+    need(data, "context", (int,), "data.context", optional=True)
+    need(data, "context_names", (list,), "data.context_names", optional=True)
+    need(data, "support", (list,), "data.support", optional=True)
     for label, dims in (("data.shape", data["shape"]), ("event_shape", meta["event_shape"])):
         if not dims or not all(
             isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims
@@ -688,6 +783,7 @@ def evaluate_run(
     seed: int | None = None,
     batch_size: int = 4096,
     *,
+    context: str | Path | None = None,
     allow_nonfinite: bool = False,
 ) -> dict[str, Any]:
     """Test NLL (nats) with standard error, and bits/dim for discrete data, of a saved run.
@@ -695,41 +791,154 @@ def evaluate_run(
     Args:
         path: run directory.
         data: evaluate on every row of this ``.npy``/``.csv`` file instead of the run's test
-            split (its column count must match the model).
+            split (its column count must match the model). For a run trained with
+            ``context_columns`` the file holds those columns too (the same names or
+            indices); for a run trained with a context file, pass ``context``.
         seed: seed of the dequantisation noise (default: the run's seed + 1).
+        context: a ``.npy``/``.csv`` file of one context row per row of ``data``.
         allow_nonfinite: evaluate weights holding NaN or inf (see :func:`load_run`).
+
+    For a conditional run the NLL is ``-log p(x | c)``.
     """
     seed = None if seed is None else check_seed(seed)
     batch_size = check_count(batch_size, "batch_size", minimum=1)
     run = load_run(path, allow_nonfinite=allow_nonfinite)
     meta = run.data_meta
     seed = run.config.seed + 1 if seed is None else seed
+    kind = meta.get("context_kind")
     if data is None:
-        dataset = load_dataset(run.config.data, run.config.seed, **run.config.data_args)
+        if context is not None:
+            raise ConfigError("--context for eval goes with --data (the file it conditions)")
+        dataset = load_run_data(run.config)
         rows, source = dataset.test, f"{run.config.data} test split"
+        rows_context = dataset.test_context
     else:
         if Path(data).suffix.lower() not in (".npy", ".csv"):
             raise ConfigError(f"--data for eval must be a .npy or .csv file, got {data!r}")
         if meta.get("levels") is not None or len(meta["shape"]) != 1:
             raise ConfigError("evaluating a file is supported for continuous vector data only")
         features = int(meta["shape"][0])
-        table = file_dataset(data, features=features, val=0.0, test=0.0, preprocessing="none")
+        options: dict[str, Any] = {}
+        if kind == "columns":
+            if context is not None:
+                raise ConfigError(
+                    "this run reads its context from columns of the data file; no --context"
+                )
+            options["context_columns"] = run.config.data_args["context_columns"]
+        elif kind == "file" or (kind is None and context is not None):
+            if context is None:
+                raise ConfigError(
+                    "this run was trained with a context file: pass --context FILE with one "
+                    "context row per row of --data"
+                )
+            options["context"] = context
+        elif kind is not None:
+            raise ConfigError(
+                f"evaluating a file is not supported for a run conditioned on {kind} contexts"
+            )
+        table = file_dataset(
+            data, features=features, val=0.0, test=0.0, preprocessing="none", **options
+        )
         rows, source = table.train, str(data)
+        rows_context = table.train_context
+        if rows_context is not None and rows_context.shape[1] != int(meta.get("context") or 0):
+            raise DataError(
+                f"{context or data}: {rows_context.shape[1]} context column(s), but the run "
+                f"is conditional on {meta.get('context', 0)}"
+            )
     trainer_cfg = TrainConfig(progress=False, seed=seed, eval_batch_size=batch_size)
     trainer = Trainer(
         run.flow,
         rows,
         None,
         trainer_cfg,
+        train_context=rows_context,
+        standardize_context=False,  # the run's own standardisation, fitted in training
         batch_fn=_batch_fn(meta.get("levels") is not None, run.event_shape),
     )
-    nll, se = trainer.nll(rows, seed=seed)
+    nll, se = trainer.nll(rows, seed=seed, context=rows_context)
     out: dict[str, Any] = {"source": source, "n": int(rows.shape[0]), "nll": nll, "nll_se": se}
     if meta.get("levels") is not None:
         d = math.prod(meta["shape"])
         out["bits_per_dim"] = bits_per_dim(nll, d)
         out["bits_per_dim_se"] = bits_per_dim(se, d)
     return out
+
+
+def _context_names(meta: dict[str, Any]) -> list[str]:
+    return list(meta.get("context_names") or [f"c{i}" for i in range(meta.get("context", 0))])
+
+
+def parse_context(text: str, meta: dict[str, Any]) -> torch.Tensor:
+    """One context row from ``"v1,v2,..."`` (one number per context column); for a
+    class-conditional run also ``"3"`` or ``"label=3"``, the one-hot row of class 3."""
+    c = int(meta.get("context") or 0)
+    names = _context_names(meta)
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(f"--context must be {c} comma-separated numbers ({', '.join(names)})")
+    token = text.strip()
+    if meta.get("context_kind") == "label" and c > 1:
+        label = token.removeprefix("label=").strip()
+        if label.lstrip("-").isdigit():
+            k = int(label)
+            if not 0 <= k < c:
+                raise ConfigError(f"--context {text!r}: a class in 0..{c - 1}, got {k}")
+            return torch.eye(c)[k : k + 1]
+    parts = [t.strip() for t in token.split(",")]
+    values = []
+    for part in parts:
+        try:
+            v = float(part)
+        except ValueError:
+            raise ConfigError(f"--context {text!r}: {part!r} is not a number") from None
+        if not math.isfinite(v):
+            raise ConfigError(f"--context {text!r}: {part!r} is not finite")
+        values.append(v)
+    if len(values) != c:
+        raise ConfigError(
+            f"--context has {len(values)} value(s) but the run is conditional on {c} context "
+            f"column(s) ({', '.join(names)})"
+        )
+    return torch.tensor([values])
+
+
+def read_context_file(path: str | Path, meta: dict[str, Any]) -> torch.Tensor:
+    """``(M, C)`` context rows from a ``.npy``/``.csv`` file: exactly ``C`` columns, or a CSV
+    whose header holds the run's context column names (those columns are taken)."""
+    from ..data.files import read_table_with_names
+
+    table, header = read_table_with_names(path)
+    c = int(meta.get("context") or 0)
+    names = _context_names(meta)
+    if header is not None and table.shape[1] != c and set(names) <= set(header):
+        table = table[:, [header.index(nm) for nm in names]]
+    if table.shape[1] != c:
+        raise DataError(
+            f"{path}: {table.shape[1]} context column(s), but the run is conditional on {c} "
+            f"({', '.join(names)})"
+        )
+    return torch.as_tensor(table, dtype=torch.float32)
+
+
+def _run_context(meta, context, context_file) -> torch.Tensor | None:
+    """The context rows asked for on the command line, checked against the run."""
+    c = int(meta.get("context") or 0)
+    if context is not None and context_file is not None:
+        raise ConfigError("give --context or --context-file, not both")
+    if c == 0:
+        if context is not None or context_file is not None:
+            raise ConfigError("this run is unconditional: it takes no --context/--context-file")
+        return None
+    if context is None and context_file is None:
+        raise ConfigError(
+            f"this run is conditional on {c} context column(s) ({', '.join(_context_names(meta))}"
+            "): pass --context v1,v2,... or --context-file FILE"
+        )
+    if context_file is not None:
+        return read_context_file(context_file, meta)
+    if isinstance(context, torch.Tensor):
+        return context.reshape(-1, c).float()
+    return parse_context(context, meta)
 
 
 def sample_run(
@@ -739,30 +948,55 @@ def sample_run(
     seed: int = 0,
     force: bool = False,
     *,
+    context: str | torch.Tensor | None = None,
+    context_file: str | Path | None = None,
     allow_nonfinite: bool = False,
 ) -> np.ndarray:
     """Draw ``n`` samples from a saved run and write them to ``.npy`` (data units; integer
-    levels for discrete data) or ``.png`` (scatter for vectors, a grid for images).
+    levels for discrete data), ``.csv`` (a header line; the context columns first for a
+    conditional run) or ``.png`` (scatter for vectors, a grid for images).
+
+    A conditional run needs ``context``, one row (``"v1,v2,..."`` in raw units, or a class
+    ``"3"`` for a class-conditional run), or ``context_file`` with ``M`` rows: ``n`` samples
+    per row, ``M * n`` in all, ordered by row.
 
     ``allow_nonfinite`` samples from weights holding NaN or inf (see :func:`load_run`)."""
     n = check_count(n, "number of samples", minimum=1)
     seed = check_seed(seed)
     out = Path(out)
-    if out.suffix.lower() not in (".npy", ".png"):
-        raise ConfigError(f"--out must end in .npy or .png, got {out.name!r}")
+    if out.suffix.lower() not in (".npy", ".png", ".csv"):
+        raise ConfigError(f"--out must end in .npy, .csv or .png, got {out.name!r}")
     if out.exists() and not force:
         raise ConfigError(f"{out} exists; pass --force to overwrite")
     if not out.parent.is_dir():
         raise ConfigError(f"cannot write {out}: directory {out.parent} does not exist")
     run = load_run(path, allow_nonfinite=allow_nonfinite)
-    g = torch.Generator().manual_seed(seed)
-    x = run.flow.sample(n, generator=g).cpu()
     meta = run.data_meta
+    ctx = _run_context(meta, context, context_file)
+    g = torch.Generator().manual_seed(seed)
+    if ctx is None:
+        x = run.flow.sample(n, generator=g).cpu()
+    else:
+        rows = ctx.to(run.flow.dtype).repeat_interleave(n, dim=0)
+        x = run.flow.sample(1, rows, generator=g).cpu()[0]
+        n = rows.shape[0]
     x = x.reshape(n, *meta["shape"])
     if meta.get("levels") is not None:
         x = torch.floor(x).clamp(0, meta["levels"] - 1)
     arr = x.numpy().astype(np.float32)
-    if out.suffix.lower() == ".npy":
+    if out.suffix.lower() == ".csv":
+        flat = arr.reshape(n, -1)
+        stem = "theta" if meta.get("context_kind") == "simulation" else "x"
+        names = [f"{stem}{i}" for i in range(flat.shape[1])]
+        if set(names) & set(_context_names(meta)):
+            names = [f"sample_{nm}" for nm in names]
+        table = flat
+        if ctx is not None:
+            names = _context_names(meta) + names
+            table = np.concatenate([rows.cpu().numpy().astype(np.float32), flat], axis=1)
+        lines = [",".join(names)] + [",".join(f"{v:.9g}" for v in row) for row in table]
+        atomic_write_text(out, "\n".join(lines) + "\n")
+    elif out.suffix.lower() == ".npy":
         import io
 
         from ..train.checkpoint import atomic_write_bytes

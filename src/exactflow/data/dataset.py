@@ -24,15 +24,17 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, DataError
-from ..transforms.base import Compose, Transform
-from ..transforms.elementwise import Affine
+from ..transforms.base import Compose, Inverse, Transform
+from ..transforms.elementwise import Affine, Sigmoid
 from .preprocessing import LogitPreprocess, Whiten, dequantize
 
 __all__ = [
     "Dataset",
     "continuous_preprocessing",
     "make_preprocess",
+    "one_hot",
     "standardization_stats",
+    "support_bijection",
     "whitening_stats",
 ]
 
@@ -55,6 +57,15 @@ class Dataset:
             ``shape``, computed on the dequantised training data for discrete data.
         scale_tril: Cholesky factor of the training covariance (``"whiten"`` only).
         image_shape: ``(C, H, W)`` when samples can be shown as images, else ``None``.
+        train_context, val_context, test_context: ``(N, C)`` float32 context rows of a
+            conditional data set (row ``i`` conditions row ``i`` of the split), else ``None``.
+        context_names: one name per context column (``("c1", "c2")``, ``("label=0", ...)``).
+        context_kind: where the context came from: ``"columns"`` (columns of the data file),
+            ``"file"`` (a second file of rows), ``"label"`` (one-hot class labels),
+            ``"simulation"`` (the simulated data of an SBI task), else ``None``.
+        support: a box ``(low, high)`` (lists of ``D`` floats) the data lies in, or ``None``;
+            the pre-processing then starts with the bijection box -> R^D (a scaled logit), so
+            the model puts no mass outside the box, and standardises in that space.
     """
 
     name: str
@@ -70,12 +81,25 @@ class Dataset:
     image_shape: tuple[int, ...] | None = None
     scale_tril: Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    train_context: Tensor | None = None
+    val_context: Tensor | None = None
+    test_context: Tensor | None = None
+    context_names: tuple[str, ...] | None = None
+    context_kind: str | None = None
+    support: tuple[list[float], list[float]] | None = None
 
     def __post_init__(self) -> None:
         if self.preprocessing not in PREPROCESSING:
             raise ConfigError(
                 f"preprocessing must be one of {PREPROCESSING}, got {self.preprocessing!r}"
             )
+        self._check_context()
+        if self.support is not None:
+            if self.preprocessing not in ("none", "standardize") or len(self.shape) != 1:
+                raise ConfigError("a support box needs vector data and 'standardize' or 'none'")
+            if self.preprocessing == "standardize" and (self.mean is None or self.std is None):
+                z, _ = support_bijection(*self.support)(self.train.double())
+                self.mean, self.std = standardization_stats(z.float())
         if self.preprocessing == "standardize" and (self.mean is None or self.std is None):
             self.mean, self.std = standardization_stats(self.train, self.levels)
         if self.preprocessing == "whiten" and self.scale_tril is None:
@@ -85,10 +109,38 @@ class Dataset:
         if self.preprocessing == "logit" and self.levels is None:
             raise ConfigError("logit pre-processing needs discrete data with `levels`")
 
+    def _check_context(self) -> None:
+        parts = [self.train_context, self.val_context, self.test_context]
+        if all(c is None for c in parts):
+            return
+        for name, rows, c in zip(
+            ("train", "val", "test"), (self.train, self.val, self.test), parts
+        ):
+            if c is None or c.dim() != 2 or c.shape[0] != rows.shape[0]:
+                got = None if c is None else tuple(c.shape)
+                raise DataError(
+                    f"{self.name}: the {name} context must have one row per data row "
+                    f"({rows.shape[0]}, C), got {got}"
+                )
+        widths = {c.shape[1] for c in parts}
+        if len(widths) != 1 or 0 in widths:
+            raise DataError(f"{self.name}: context widths differ across splits: {widths}")
+        names = self.context_names or tuple(f"c{i}" for i in range(parts[0].shape[1]))
+        if len(names) != parts[0].shape[1]:
+            raise DataError(
+                f"{self.name}: {len(names)} context names for {parts[0].shape[1]} columns"
+            )
+        self.context_names = tuple(str(n) for n in names)
+
     @property
     def features(self) -> int:
         """Number of scalar dimensions D of one sample."""
         return math.prod(self.shape)
+
+    @property
+    def context(self) -> int:
+        """Context size C (0 for an unconditional data set)."""
+        return 0 if self.train_context is None else int(self.train_context.shape[1])
 
     @property
     def discrete(self) -> bool:
@@ -114,6 +166,7 @@ class Dataset:
             mean=self.mean,
             std=self.std,
             scale_tril=self.scale_tril,
+            support=self.support,
         )
 
     def meta(self) -> dict[str, Any]:
@@ -132,6 +185,12 @@ class Dataset:
             out["alpha"] = float(self.alpha)
         if self.image_shape is not None:
             out["image_shape"] = list(self.image_shape)
+        if self.context:
+            out["context"] = self.context
+            out["context_names"] = list(self.context_names or ())
+            out["context_kind"] = self.context_kind
+        if self.support is not None:
+            out["support"] = [list(map(float, self.support[0])), list(map(float, self.support[1]))]
         return out
 
 
@@ -211,13 +270,20 @@ def make_preprocess(
     mean: Tensor | None = None,
     std: Tensor | None = None,
     scale_tril: Tensor | None = None,
+    support: tuple[list[float], list[float]] | None = None,
 ) -> Transform:
     """The pre-processing transform for a model with ``event_shape``.
 
     ``"standardize"``/``"whiten"`` without statistics build placeholders (0 and 1 / I) for a
     saved state dict to overwrite; ``"logit"`` needs ``levels``; ``"none"`` is an empty
-    Compose.
+    Compose. A ``support`` box ``(low, high)`` puts :func:`support_bijection` first (vector
+    data, ``"standardize"`` or ``"none"``; the statistics are then those of the mapped data).
     """
+    if support is not None:
+        if preprocessing not in ("none", "standardize") or len(event_shape) != 1:
+            raise ConfigError("a support box needs a vector model and 'standardize' or 'none'")
+        rest = make_preprocess(preprocessing, event_shape, mean=mean, std=std)
+        return Compose([support_bijection(*support), rest])
     event_shape = tuple(int(s) for s in event_shape)
     event_dim = len(event_shape)
     if preprocessing == "logit":
@@ -238,3 +304,27 @@ def make_preprocess(
     if preprocessing == "none":
         return Compose([])
     raise ConfigError(f"preprocessing must be one of {PREPROCESSING}, got {preprocessing!r}")
+
+
+def support_bijection(low, high) -> Transform:
+    """The bijection from the box ``[low, high]`` (``(D,)`` each) onto ``R^D``, normalizing
+    direction: ``z = logit((x - low) / (high - low))``; its inverse lands inside the box."""
+    low = torch.as_tensor(low, dtype=torch.float32).reshape(-1)
+    high = torch.as_tensor(high, dtype=torch.float32).reshape(-1)
+    if low.shape != high.shape or not bool((high > low).all()):
+        raise ConfigError(f"a support box needs low < high of one length, got {low} and {high}")
+    return Compose([Affine(low, high - low), Inverse(Sigmoid())])
+
+
+CONDITIONS = ("label",)
+
+
+def one_hot(labels: Tensor, classes: int) -> Tensor:
+    """``(N,)`` integer labels in ``0..classes-1`` as ``(N, classes)`` float32 one-hot rows."""
+    return torch.nn.functional.one_hot(labels.long().reshape(-1), classes).float()
+
+
+def check_condition(condition: Any, name: str) -> None:
+    """``condition`` must be ``"label"`` (what a class-conditional data set conditions on)."""
+    if condition not in CONDITIONS:
+        raise ConfigError(f"condition for {name!r} must be one of {CONDITIONS}, got {condition!r}")

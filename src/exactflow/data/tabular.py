@@ -11,13 +11,13 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from .dataset import Dataset, continuous_preprocessing
+from .dataset import Dataset, check_condition, continuous_preprocessing, one_hot
 from .splits import DIGITS_SPLIT, TABLE_SPLIT, split
 
 __all__ = ["TABULAR", "tabular_dataset"]
 
 
-def _sklearn(loader_name: str) -> Callable[[], np.ndarray]:
+def _sklearn(loader_name: str, field: str = "data") -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
         try:
             from sklearn import datasets
@@ -25,7 +25,7 @@ def _sklearn(loader_name: str) -> Callable[[], np.ndarray]:
             raise DataError(
                 "scikit-learn data sets need scikit-learn: pip install 'exactflow[train]'"
             ) from err
-        return getattr(datasets, loader_name)().data
+        return getattr(getattr(datasets, loader_name)(), field)
 
     return load
 
@@ -35,6 +35,11 @@ TABULAR: dict[str, tuple[Callable[[], np.ndarray], int | None, tuple[int, ...] |
     "digits": (_sklearn("load_digits"), 17, (1, 8, 8)),
     "breast_cancer": (_sklearn("load_breast_cancer"), None, None),
     "iris": (_sklearn("load_iris"), None, None),
+}
+# class labels a table can be conditioned on: name -> (loader, classes)
+LABELS: dict[str, tuple[Callable[[], np.ndarray], int]] = {
+    "digits": (_sklearn("load_digits", "target"), 10),
+    "iris": (_sklearn("load_iris", "target"), 3),
 }
 # default (val, test) fractions; digits shares its split with the image view digits_image
 _SPLITS: dict[str, tuple[float, float]] = {"digits": DIGITS_SPLIT}
@@ -47,6 +52,7 @@ def tabular_dataset(
     test: float | None = None,
     preprocessing: str | None = None,
     alpha: float = 0.05,
+    condition: str | None = None,
 ) -> Dataset:
     """A scikit-learn table as a :class:`Dataset` of ``(N, D)`` float32 rows.
 
@@ -65,6 +71,8 @@ def tabular_dataset(
             (discrete data only; the default for digits, where it gives better bits/dim than
             standardising) or ``"none"``.
         alpha: logit boundary margin.
+        condition: ``"label"`` makes a class-conditional set (digits: the digit 0-9, iris:
+            the species), the one-hot label as each row's context; the same rows and split.
     """
     if name not in TABULAR:
         raise ConfigError(f"unknown tabular dataset {name!r}; valid: {', '.join(TABULAR)}")
@@ -75,7 +83,29 @@ def tabular_dataset(
     if preprocessing == "logit" and levels is None:
         raise ConfigError(f"logit pre-processing needs discrete data; {name!r} is continuous")
     data = torch.as_tensor(np.asarray(loader(), dtype=np.float32))
-    parts = split(data, val, test, generator=torch.Generator().manual_seed(int(seed)))
+    g = torch.Generator().manual_seed(int(seed))
+    context: dict = {}
+    if condition is None:
+        parts = split(data, val, test, generator=g)
+    else:
+        check_condition(condition, name)
+        if name not in LABELS:
+            raise ConfigError(
+                f"{name!r} has no label to condition on; labelled tables: {', '.join(LABELS)}"
+            )
+        label_loader, classes = LABELS[name]
+        labels = one_hot(torch.as_tensor(np.asarray(label_loader())), classes)
+        d = data.shape[1]
+        # one shuffle for both, so the rows (and the split) are those of the plain set
+        both = split(torch.cat([data, labels], dim=1), val, test, generator=g)
+        parts = type(both)(*(p[:, :d] for p in both))
+        context = {
+            "train_context": both.train[:, d:],
+            "val_context": both.val[:, d:],
+            "test_context": both.test[:, d:],
+            "context_names": tuple(f"label={k}" for k in range(classes)),
+            "context_kind": "label",
+        }
     if preprocessing is None:
         preprocessing = "logit" if levels is not None else continuous_preprocessing(parts.train)
     return Dataset(
@@ -88,4 +118,5 @@ def tabular_dataset(
         levels=levels,
         alpha=alpha,
         image_shape=image_shape,
+        **context,
     )

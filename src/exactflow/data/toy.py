@@ -18,11 +18,15 @@ from ..errors import ConfigError, DTypeError
 from .splits import Splits, split
 
 __all__ = [
+    "LABELED",
     "TOY",
     "Splits",
     "checkerboard",
     "circles",
     "eight_gaussians",
+    "labeled_eight_gaussians",
+    "labeled_moons",
+    "labeled_toy_splits",
     "moons",
     "pinwheel",
     "spirals",
@@ -55,26 +59,41 @@ def _coin(n: int, k: int, generator: torch.Generator | None) -> Tensor:
 
 def moons(n: int, generator: torch.Generator | None = None, noise: float = 0.1) -> Tensor:
     """Two interleaving half circles with Gaussian jitter ``noise`` (centred, ~[-1.5, 2.5])."""
+    return labeled_moons(n, generator, noise)[0]
+
+
+def labeled_moons(
+    n: int, generator: torch.Generator | None = None, noise: float = 0.1
+) -> tuple[Tensor, Tensor]:
+    """:func:`moons` (the same draws) and each point's moon, ``(n, 2)`` and ``(n,)`` in {0, 1}."""
     _check_n(n)
-    which = _coin(n, 2, generator).float()
+    label = _coin(n, 2, generator)
+    which = label.float()
     t = math.pi * _uniform(n, generator)
     upper = torch.stack([torch.cos(t), torch.sin(t)], dim=-1)
     lower = torch.stack([1.0 - torch.cos(t), 0.5 - torch.sin(t)], dim=-1)
     pts = torch.where(which[:, None] > 0.5, lower, upper)
     pts = pts + noise * _normal((n, 2), generator)
     # centre the pair of moons on the origin and give it a unit-ish scale
-    return (pts - torch.tensor([0.5, 0.25])) * 2.0
+    return (pts - torch.tensor([0.5, 0.25])) * 2.0, label
 
 
 def eight_gaussians(
     n: int, generator: torch.Generator | None = None, radius: float = 2.0, std: float = 0.2
 ) -> Tensor:
     """Equal mixture of eight isotropic Gaussians (std ``std``) on a circle of ``radius``."""
+    return labeled_eight_gaussians(n, generator, radius, std)[0]
+
+
+def labeled_eight_gaussians(
+    n: int, generator: torch.Generator | None = None, radius: float = 2.0, std: float = 0.2
+) -> tuple[Tensor, Tensor]:
+    """:func:`eight_gaussians` (the same draws) and each point's component in {0, ..., 7}."""
     _check_n(n)
-    k = _coin(n, 8, generator).float()
-    angle = k * (2.0 * math.pi / 8.0)
+    label = _coin(n, 8, generator)
+    angle = label.float() * (2.0 * math.pi / 8.0)
     centres = radius * torch.stack([torch.cos(angle), torch.sin(angle)], dim=-1)
-    return centres + std * _normal((n, 2), generator)
+    return centres + std * _normal((n, 2), generator), label
 
 
 def checkerboard(n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -148,6 +167,30 @@ TOY: dict[str, Callable[..., Tensor]] = {
     "pinwheel": pinwheel,
     "spirals": spirals,
 }
+
+
+# toys with a class label per point: name -> (sampler returning (points, labels), classes)
+LABELED: dict[str, tuple[Callable[..., tuple[Tensor, Tensor]], int]] = {
+    "moons": (labeled_moons, 2),
+    "eight_gaussians": (labeled_eight_gaussians, 8),
+    "8gaussians": (labeled_eight_gaussians, 8),
+}
+
+
+def labeled_toy_splits(
+    name: str, n_train: int = 10_000, n_val: int = 2_000, n_test: int = 10_000, seed: int = 0
+) -> tuple[Splits, Splits]:
+    """:func:`toy_splits` of a toy in :data:`LABELED` (the same points for the same seed)
+    and the splits' integer labels."""
+    if name not in LABELED:
+        raise ConfigError(
+            f"toy dataset {name!r} has no label to condition on; labelled toys: "
+            f"{', '.join(sorted(LABELED))}"
+        )
+    g = torch.Generator().manual_seed(int(seed))
+    sampler = LABELED[name][0]
+    parts = [sampler(n, g) for n in (n_train, n_val, n_test)]
+    return Splits(*(p[0] for p in parts)), Splits(*(p[1] for p in parts))
 
 
 def toy_splits(
