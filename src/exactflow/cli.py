@@ -96,6 +96,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--no-plots", action="store_true", help="skip loss/density/sample plots")
     t.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
     t.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the training objective with torch.compile ([train] compile = true)",
+    )
+    t.add_argument(
         "--threads",
         type=int,
         help="torch intra-op threads for this process (default: 1 for 2-D toy data, whose tiny "
@@ -254,6 +259,8 @@ def _cmd_train(args) -> int:
         cfg.seed = train.seed = args.seed
     if args.quiet:
         train.progress = False
+    if args.compile:
+        train.compile = True
     train.validate()
     out = Path(args.out) if args.out else _default_out(data, model)
     metrics = train_run(cfg, out, force=args.force, plots=not args.no_plots, quiet=args.quiet)

@@ -84,6 +84,8 @@ class TrainConfig:
         mmd_weight: weight of the MMD^2 penalty between model samples and data (0 = off).
         mmd_bandwidths: RBF bandwidths; empty = median heuristic.
         mmd_samples: model samples per step for the MMD penalty.
+        compile: compile the model's objective (see ``Trainer(compile=...)``); what
+            ``exactflow train --compile`` and ``[train] compile = true`` set.
     """
 
     steps: int = 2000
@@ -107,6 +109,7 @@ class TrainConfig:
     mmd_weight: float = 0.0
     mmd_bandwidths: list[float] = field(default_factory=list)
     mmd_samples: int = 256
+    compile: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -254,8 +257,8 @@ class Trainer:
         compile: run the model's objective, ``flow.training_loss`` (forward and backward),
             through ``torch.compile(dynamic=False)``, so what is compiled is what the eager
             and the distributed steps train. The first step compiles (tens of seconds to
-            minutes on a small CPU) and every new batch shape recompiles; afterwards an
-            NSF step is ~1.8x faster on one CPU thread, affine MAF/RealNVP gain little.
+            minutes on a small CPU) and every new batch shape recompiles (the speed-ups
+            measured: benchmarks/README.md). ``None`` (default) takes ``config.compile``.
             The MMD term stays eager; validation and checkpoints are unchanged. A CNF's
             trace is a double backward, which torch.compile's autograd does not support,
             so leave ``compile`` off for continuous flows trained by likelihood.
@@ -274,10 +277,10 @@ class Trainer:
         batch_fn: Callable[[Tensor, torch.Generator], Tensor] | None = None,
         checkpoint: str | Path | None = None,
         meta: dict[str, Any] | None = None,
-        compile: bool = False,
+        compile: bool | None = None,
     ):
-        if not isinstance(compile, bool):
-            raise DTypeError(f"compile must be a bool, got {type(compile).__name__}")
+        if compile is not None and not isinstance(compile, bool):
+            raise DTypeError(f"compile must be a bool or None, got {type(compile).__name__}")
         if not isinstance(flow, Flow):
             raise DTypeError(f"Trainer needs an exactflow Flow, got {type(flow).__name__}")
         for name, data in (("train", train), ("val", val)):
@@ -317,6 +320,8 @@ class Trainer:
         self.batch_fn = batch_fn or (lambda x, g: x)
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         self.meta = dict(meta or {})
+        if compile is None:
+            compile = self.config.compile
         # compiled lazily by torch.compile on the first call; the eager path is the default
         self._loss_fn = (
             torch.compile(self._model_loss, dynamic=False) if compile else self._model_loss
