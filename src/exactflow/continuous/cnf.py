@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .._compat import renamed_kwargs
 from ..errors import ConfigError, ContextError, DTypeError, ShapeError
 from ..transforms.base import Transform
-from .fixed_step import solver_tolerance
+from .fixed_step import FixedStepCNF, solver_tolerance, unrolled_solve
 from .regularization import RNODE, Regularized, time_derivative
 
 try:
@@ -45,6 +45,8 @@ __all__ = [
 
 ADAPTIVE_SOLVERS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 FIXED_SOLVERS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams")
+# fixed-step solvers a compiled CNF runs unrolled (FixedStepCNF's tableaux)
+_UNROLLED_SOLVERS = FixedStepCNF.SOLVERS
 TRACES = ("auto", "exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
 # "auto" picks the exact trace up to this many dimensions: D extra backward passes are then
@@ -614,7 +616,33 @@ class CNF(Transform, Regularized):
             ) from None
         return x, context.reshape(-1, self.context_features)
 
+    def _unrolls_when_compiled(self, x) -> bool:
+        """Whether a compiled solve takes the unrolled fixed-step form (see :meth:`_solve`)."""
+        return (
+            self.solver in _UNROLLED_SOLVERS
+            and callable(getattr(self.dynamics, "forward_with_trace", None))
+            and isinstance(x, Tensor)
+            and x.dim() >= 1
+            and self.trace_mode(x.shape[-1]) == "exact"
+            and not (self.training and self.rnode.active)
+            and not (self.adjoint and torch.is_grad_enabled())
+        )
+
     def _solve(self, x: Tensor, context: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor]:
+        if torch.compiler.is_compiling() and self._unrolls_when_compiled(x):
+            # torchdiffeq's step loop and the autograd-based trace split a compiled graph; a
+            # fixed-step solve with an analytic trace is the same sum of the same tableau
+            # steps as plain tensor ops (FixedStepCNF's solve), which compiles whole. It
+            # counts no NFE. Adaptive solvers, the Hutchinson trace, RNODE terms and the
+            # adjoint keep the torchdiffeq path.
+            x, ctx = self._check(x, context)
+            self._record_terms(None)
+            d = x.shape[-1]
+            y, ladj = unrolled_solve(
+                self.dynamics, x.reshape(-1, d), ctx, t1=self.t1, solver=self.solver,
+                steps=self.steps, reverse=reverse,
+            )  # fmt: skip
+            return y.reshape(x.shape), ladj.reshape(x.shape[:-1])
         if torch.is_inference_mode_enabled():
             # the trace needs autograd, which inference mode switches off even inside
             # enable_grad (the trace would silently be 0): solve on normal copies, no graph kept

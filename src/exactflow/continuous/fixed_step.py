@@ -12,7 +12,7 @@ from .._compat import renamed_kwargs
 from ..errors import ConfigError, ContextError, DTypeError, ShapeError
 from ..transforms.base import Transform
 
-__all__ = ["FixedStepCNF", "solver_tolerance"]
+__all__ = ["FixedStepCNF", "solver_tolerance", "unrolled_solve"]
 
 # convergence orders of torchdiffeq's fixed-grid methods; the Adams methods start at order 1
 _ORDERS = {
@@ -114,18 +114,11 @@ class FixedStepCNF(Transform):
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self._solve(z, context, reverse=True)
 
-    def _grid(self, reverse: bool) -> list[float]:
-        # torchdiffeq integrates a decreasing span in negated time; the grid points are the same
-        ends = (-self.t1, 0.0) if reverse else (0.0, self.t1)
-        pts = [ends[0] + (ends[1] - ends[0]) * k / self.steps for k in range(self.steps)]
-        return [*pts, ends[1]]
-
     def _solve(self, x: Tensor, context: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor]:
         if x.dim() < 1 or (self.features is not None and x.shape[-1] != self.features):
             expect = self.features if self.features is not None else "D"
             raise ShapeError(f"input must have shape (*batch, {expect}), got {tuple(x.shape)}")
         batch, d = x.shape[:-1], x.shape[-1]
-        flat = x.reshape(-1, d)
         ctx = None
         if self.context_features:
             if context is None:
@@ -134,37 +127,62 @@ class FixedStepCNF(Transform):
                     "no context was given"
                 )
             ctx = context.expand(*batch, self.context_features).reshape(-1, self.context_features)
-        sign = -1.0 if reverse else 1.0
-
-        def rhs(s: float, y: Tensor) -> tuple[Tensor, Tensor]:
-            f, tr = self.dynamics.forward_with_trace(sign * s, y, ctx)
-            return sign * f, sign * tr
-
-        grid = self._grid(reverse)
-        y, ladj = flat, flat.new_zeros(flat.shape[0])
-        for s0, s1 in itertools.pairwise(grid):
-            dy, dl = self._step(rhs, s0, s1, y)
-            y, ladj = y + dy, ladj + dl
+        y, ladj = unrolled_solve(
+            self.dynamics, x.reshape(-1, d), ctx, t1=self.t1, solver=self.solver,
+            steps=self.steps, reverse=reverse,
+        )  # fmt: skip
         return y.reshape(x.shape), ladj.reshape(batch)
 
-    def _step(self, rhs, s0: float, s1: float, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Increments ``(Δy, Δℓ)`` of one step from ``s0`` to ``s1``."""
-        dt = s1 - s0
-        f1, l1 = rhs(s0, y)
-        if self.solver == "euler":
-            return dt * f1, dt * l1
-        if self.solver == "midpoint":
-            f2, l2 = rhs(s0 + 0.5 * dt, y + 0.5 * dt * f1)
-            return dt * f2, dt * l2
-        if self.solver == "heun2":
-            f2, l2 = rhs(s0 + dt, y + dt * f1)
-            return 0.5 * dt * (f1 + f2), 0.5 * dt * (l1 + l2)
-        # rk4, the 3/8 rule
-        third = 1.0 / 3.0
-        f2, l2 = rhs(s0 + dt * third, y + dt * f1 * third)
-        f3, l3 = rhs(s0 + dt * (2.0 / 3.0), y + dt * (f2 - f1 * third))
-        f4, l4 = rhs(s1, y + dt * (f1 - f2 + f3))
-        return (
-            (f1 + 3.0 * (f2 + f3) + f4) * dt * 0.125,
-            (l1 + 3.0 * (l2 + l3) + l4) * dt * 0.125,
-        )
+
+def unrolled_solve(
+    dynamics: nn.Module,
+    flat: Tensor,
+    ctx: Tensor | None,
+    *,
+    t1: float,
+    solver: str,
+    steps: int,
+    reverse: bool,
+) -> tuple[Tensor, Tensor]:
+    """``steps`` unrolled steps of ``solver`` (one of :attr:`FixedStepCNF.SOLVERS`) over
+    ``[0, t1]`` (``t1 -> 0`` if ``reverse``): ``(y, ∫ tr ∂f/∂z dt)`` for ``(N, D)`` rows ``flat``
+    with ``(N, C)`` context ``ctx`` or ``None``, the trace from ``dynamics.forward_with_trace``.
+    Plain tensor ops on Python-float times: what :class:`FixedStepCNF` exports and what a
+    compiled :class:`~exactflow.continuous.CNF` with a fixed-step solver traces."""
+    sign = -1.0 if reverse else 1.0
+
+    def rhs(s: float, y: Tensor) -> tuple[Tensor, Tensor]:
+        f, tr = dynamics.forward_with_trace(sign * s, y, ctx)
+        return sign * f, sign * tr
+
+    # torchdiffeq integrates a decreasing span in negated time; the grid points are the same
+    ends = (-t1, 0.0) if reverse else (0.0, t1)
+    grid = [ends[0] + (ends[1] - ends[0]) * k / steps for k in range(steps)] + [ends[1]]
+    y, ladj = flat, flat.new_zeros(flat.shape[0])
+    for s0, s1 in itertools.pairwise(grid):
+        dy, dl = _step(solver, rhs, s0, s1, y)
+        y, ladj = y + dy, ladj + dl
+    return y, ladj
+
+
+def _step(solver: str, rhs, s0: float, s1: float, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Increments ``(Δy, Δℓ)`` of one step of ``solver`` from ``s0`` to ``s1``."""
+    dt = s1 - s0
+    f1, l1 = rhs(s0, y)
+    if solver == "euler":
+        return dt * f1, dt * l1
+    if solver == "midpoint":
+        f2, l2 = rhs(s0 + 0.5 * dt, y + 0.5 * dt * f1)
+        return dt * f2, dt * l2
+    if solver == "heun2":
+        f2, l2 = rhs(s0 + dt, y + dt * f1)
+        return 0.5 * dt * (f1 + f2), 0.5 * dt * (l1 + l2)
+    # rk4, the 3/8 rule
+    third = 1.0 / 3.0
+    f2, l2 = rhs(s0 + dt * third, y + dt * f1 * third)
+    f3, l3 = rhs(s0 + dt * (2.0 / 3.0), y + dt * (f2 - f1 * third))
+    f4, l4 = rhs(s1, y + dt * (f1 - f2 + f3))
+    return (
+        (f1 + 3.0 * (f2 + f3) + f4) * dt * 0.125,
+        (l1 + 3.0 * (l2 + l3) + l4) * dt * 0.125,
+    )

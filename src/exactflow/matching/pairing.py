@@ -43,15 +43,23 @@ def ot_permutation(x0: Tensor, x1: Tensor) -> Tensor:
 
     Returns ``perm`` ``(n0,)`` (int64, on ``x0``'s device) with distinct entries minimising
     ``Σ_i |x0_i - x1_perm[i]|²``; ``n1 >= n0`` (with ``n1 > n0`` the unused noise rows are
-    dropped). ``O(n³)``, see the module docstring.
+    dropped). ``O(n³)``, see the module docstring. The solve is one opaque operator
+    (``exactflow::ot_assignment``), so a ``torch.compile``-d training step keeps it in its
+    graph instead of breaking the graph at the NumPy/SciPy call.
     """
     _check_rows(x0, x1, square=False)
     if x0.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=x0.device)
+    # the permutation carries no gradient: the operator sees detached rows
+    return _ot_assignment(x0.detach(), x1.detach())
+
+
+@torch.library.custom_op("exactflow::ot_assignment", mutates_args=())
+def _ot_assignment(x0: Tensor, x1: Tensor) -> Tensor:
     from scipy.optimize import linear_sum_assignment
 
-    a = x0.detach().to("cpu", torch.float64).numpy()
-    b = x1.detach().to("cpu", torch.float64).numpy()
+    a = x0.to("cpu", torch.float64).numpy()
+    b = x1.to("cpu", torch.float64).numpy()
     # |a|² + |b|² - 2 a·b is faster than pairwise differences, and exact enough: the
     # assignment only compares sums of costs
     cost = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
@@ -61,6 +69,11 @@ def ot_permutation(x0: Tensor, x1: Tensor) -> Tensor:
     perm = np.empty(x0.shape[0], dtype=np.int64)
     perm[rows] = cols
     return torch.from_numpy(perm).to(x0.device)
+
+
+@_ot_assignment.register_fake
+def _(x0: Tensor, x1: Tensor) -> Tensor:
+    return x0.new_empty(x0.shape[0], dtype=torch.long)
 
 
 class IndependentPairing:

@@ -70,8 +70,12 @@ class ActNorm(_PerChannel):
     that it comes out with zero mean and unit variance per channel (Kingma & Dhariwal, 2018).
     Whether this happened is the ``initialized`` buffer, so it is saved in the state dict and
     a loaded model is not re-initialised. The initialisation path reads the flag with a
-    Python branch; once initialised (as any trained or loaded model is) forward and inverse
-    are straight-line code, which is what tracing and export see.
+    Python branch, once: after a training-mode forward has seen the flag set, a plain Python
+    attribute remembers it, so later calls are straight-line code with no read of a tensor
+    value (what tracing, export and ``torch.compile`` see; a compiled training step breaks
+    its graph only on the first call of a fresh layer). Loading a state dict forgets what
+    was seen, so the loaded flag is read again; to re-initialise a layer, load a state with
+    ``initialized`` false or call :meth:`initialize`.
 
     ``log|det dz/dx| = -(H W ...) sum_c log_scale_c``.
 
@@ -87,6 +91,12 @@ class ActNorm(_PerChannel):
         self.shift = nn.Parameter(torch.zeros(self.param_shape))
         self.log_scale = nn.Parameter(torch.zeros(self.param_shape))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        # True once ``initialized`` was seen set: no tensor read (graph break) on later calls
+        self._seen_initialized = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._seen_initialized = False  # the loaded flag may be either value: read it again
 
     @torch.no_grad()
     def initialize(self, x: Tensor, reduce: Callable[[Tensor], Tensor] | None = None) -> None:
@@ -121,11 +131,16 @@ class ActNorm(_PerChannel):
         self.shift.copy_(mean)
         self.log_scale.copy_(var.sqrt().clamp_min(self.eps).log())
         self.initialized.fill_(True)
+        self._seen_initialized = True
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         batch = self._check(x)
-        if self.training and not bool(self.initialized):  # init path only; see class doc
-            self.initialize(x)
+        # getattr: a layer pickled whole before this attribute existed lacks it
+        if self.training and not getattr(self, "_seen_initialized", False):  # see class doc
+            if bool(self.initialized):
+                self._seen_initialized = True
+            else:
+                self.initialize(x)
         z = (x - self.shift) * torch.exp(-self.log_scale)
         return z, -self._ladj(self.log_scale, batch)
 
