@@ -147,6 +147,7 @@ def test_cli_defaults_come_from_the_metadata():
     assert default_config("breast_cancer", "MAF").model_args == {
         "transforms": 3,
         "hidden": [64, 64],
+        "log_scale_bound": 0.5,
     }
     assert default_config("iris", "ffjord").model_args == {}
     # a fresh copy each time: editing one run's options never leaks into the registry
