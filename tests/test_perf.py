@@ -79,7 +79,7 @@ def test_finite_check_survives_an_overflowing_sum_and_still_counts_bad_values():
 
 def test_trainer_compile_must_be_bool():
     flow = NSF(2, transforms=1, hidden=(8,))
-    with pytest.raises(TypeError, match="compile must be a bool, got str"):
+    with pytest.raises(TypeError, match="compile must be a bool or None, got str"):
         Trainer(flow, torch.randn(16, 2), compile="yes")
 
 
