@@ -283,6 +283,11 @@ def test_new_run_directory_keeps_the_umask_mode(work, monkeypatch):
     train_run(RunConfig.read("tiny.toml"), "modes", plots=False, quiet=True)
     (work / "plain").mkdir()
     assert (work / "modes").stat().st_mode == (work / "plain").stat().st_mode
+    # the files written atomically get a plain open()'s mode too, not mkstemp's 0600
+    (work / "plain.txt").write_text("x")
+    want = (work / "plain.txt").stat().st_mode
+    for name in ("config.toml", "metrics.json", "model.safetensors", "checkpoint.safetensors"):
+        assert (work / "modes" / name).stat().st_mode == want, name
 
 
 def test_real_process_prints_one_line(work):
