@@ -16,6 +16,7 @@ import warnings
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from exactflow import Flow, sbi
 from exactflow.errors import ConfigError, ContextError, DataError, DTypeError
@@ -319,7 +320,14 @@ def _task_conditional(rank: int, out) -> None:
 
 
 def test_two_gloo_ranks_equal_one_process_with_context(tmp_path):
-    _spawn(_task_conditional, tmp_path)
+    try:
+        _spawn(_task_conditional, tmp_path)
+    except mp.ProcessExitedException as err:
+        # gloo can abort a rank while tearing the group down ("terminate called without an
+        # active exception", seen once in CI) after both ranks wrote their results; a rank
+        # that died before writing still fails here, as torch.load below needs both files
+        if "SIGABRT" not in str(err):
+            raise
     ref_flow = dist_flow()
     (x, c), (xv, cv) = dist_rows(200, 0), dist_rows(64, 1)
     t = Trainer(ref_flow, x, xv, dist_config(), train_context=c, val_context=cv)
