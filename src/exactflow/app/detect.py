@@ -12,18 +12,13 @@ points down: the application layer loads the run and hands the flow to the detec
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from ..anomaly import Detector, anomaly_metrics, plot_score_histogram, read_labels
-from ..data.files import read_conditional_table
 from ..errors import ConfigError, DataError
 from ..train.checkpoint import atomic_write_text
-from .run import load_run, load_run_data
+from .run import LoadedRun, load_run, load_run_data, read_run_file
 
 __all__ = ["detect_run", "detector_from_run", "load_detector"]
 
@@ -40,7 +35,10 @@ def detector_from_run(
     score in bits/dim. ``allow_nonfinite`` as in :func:`~exactflow.app.run.load_run`."""
     if split not in ("train", "val", "test"):
         raise ConfigError(f"split must be 'train', 'val' or 'test', got {split!r}")
-    loaded = load_run(run, allow_nonfinite=allow_nonfinite)
+    return _calibrated(load_run(run, allow_nonfinite=allow_nonfinite), quantile, split)
+
+
+def _calibrated(loaded: LoadedRun, quantile: float, split: str) -> Detector:
     meta = loaded.data_meta
     det = Detector(
         loaded.flow,
@@ -55,42 +53,6 @@ def detector_from_run(
         raise DataError(f"the run's {split} split has {rows.shape[0]} rows; cannot calibrate")
     context = getattr(data, f"{split}_context")
     return det.calibrate(rows.reshape(rows.shape[0], *loaded.event_shape), context=context)
-
-
-def _score_file(det: Detector, loaded, data, context) -> np.ndarray:
-    """Scores of the rows of ``data``; a conditional run reads the context from the same
-    columns as in training, or from the ``context`` file."""
-    meta = loaded.data_meta
-    kind = meta.get("context_kind")
-    if kind is None:
-        if context is not None:
-            raise ConfigError("this run is unconditional: it takes no --context")
-        return det.score_file(data)
-    options: dict[str, Any] = {}
-    if kind == "columns":
-        if context is not None:
-            raise ConfigError("this run reads its context from columns of the data file")
-        options["context_columns"] = loaded.config.data_args["context_columns"]
-    elif kind == "file":
-        if context is None:
-            raise ConfigError(
-                "this run was trained with a context file: pass --context FILE with one "
-                "context row per row of --data"
-            )
-        options["context"] = context
-    else:
-        raise ConfigError(f"detect on a file is not supported for a run conditioned on {kind}")
-    x, ctx, _ = read_conditional_table(data, **options)  # file order: scores.csv rows
-    d, c = math.prod(meta["shape"]), int(meta.get("context") or 0)
-    if x.shape[1] != d:
-        raise DataError(f"{data}: has {x.shape[1]} data columns but the model expects {d}")
-    if ctx.shape[1] != c:
-        raise DataError(
-            f"{context or data}: {ctx.shape[1]} context column(s), but the run is conditional "
-            f"on {c}"
-        )
-    rows = torch.as_tensor(x, dtype=torch.float32).reshape(x.shape[0], *loaded.event_shape)
-    return det.score(rows, torch.as_tensor(ctx, dtype=torch.float32))
 
 
 def load_detector(path: str | Path, run: str | Path, *, allow_nonfinite: bool = False) -> Detector:
@@ -120,8 +82,9 @@ def detect_run(
     ``metrics.json``. Returns the summary (metrics included when ``labels`` is given).
     Everything is scored and checked before ``out`` is created.
     """
-    det = detector_from_run(run, quantile=quantile, allow_nonfinite=allow_nonfinite)
-    s = _score_file(det, load_run(run, allow_nonfinite=allow_nonfinite), data, context)
+    loaded = load_run(run, allow_nonfinite=allow_nonfinite)
+    det = _calibrated(loaded, quantile, "val")
+    s = det.score(*read_run_file(loaded, data, context))  # file order: the rows of scores.csv
     lab = None
     if labels is not None:
         lab = read_labels(labels)

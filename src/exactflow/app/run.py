@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data import Dataset, bits_per_dim, file_dataset, load_dataset
+from ..data import Dataset, bits_per_dim, load_dataset
 from ..data.dataset import make_preprocess
 from ..errors import ConfigError, DataError, ExactflowError
 from ..flow import Flow
@@ -777,6 +777,54 @@ def _check_model_meta(meta: dict[str, Any], file: Path) -> None:
             raise DataError(f"{file}: model metadata {label!r} must list positive ints, got {dims}")
 
 
+def read_run_file(
+    run: LoadedRun, data: str | Path, context: str | Path | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The rows of a ``.npy``/``.csv`` file for the model of ``run``, in file order: ``x`` as
+    ``(N, *event_shape)`` and its ``(N, C)`` context rows (``None`` for an unconditional run),
+    both float32 (what the runs' models take). The context comes from the columns the run
+    was trained with or, for a run trained with a context file, from the ``context`` file;
+    anything else is a :class:`ConfigError`, wrong widths and values beyond float32 a
+    :class:`DataError`."""
+    from ..data.files import read_conditional_table
+
+    meta = run.data_meta
+    kind = meta.get("context_kind")
+    options: dict[str, Any] = {}
+    if kind is None:
+        if context is not None:
+            raise ConfigError("this run is unconditional: it takes no --context")
+    elif kind == "columns":
+        if context is not None:
+            raise ConfigError(
+                "this run reads its context from columns of the data file; no --context"
+            )
+        options["context_columns"] = run.config.data_args["context_columns"]
+    elif kind == "file":
+        if context is None:
+            raise ConfigError(
+                "this run was trained with a context file: pass --context FILE with one "
+                "context row per row of --data"
+            )
+        options["context"] = context
+    else:
+        raise ConfigError(f"reading a file is not supported for a run conditioned on {kind}")
+    x, ctx, _ = read_conditional_table(data, **options)
+    d, c = math.prod(meta["shape"]), int(meta.get("context") or 0)
+    if x.shape[1] != d:
+        raise DataError(f"{data}: has {x.shape[1]} columns but the model expects {d}")
+    if ctx is not None and ctx.shape[1] != c:
+        raise DataError(
+            f"{context or data}: {ctx.shape[1]} context column(s), but the run is conditional "
+            f"on {c}"
+        )
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise DataError(f"{data}: values overflow float32")
+    rows = torch.as_tensor(x).reshape(x.shape[0], *run.event_shape)
+    return rows, None if ctx is None else torch.as_tensor(ctx, dtype=torch.float32)
+
+
 def evaluate_run(
     path: str | Path,
     data: str | None = None,
@@ -805,7 +853,6 @@ def evaluate_run(
     run = load_run(path, allow_nonfinite=allow_nonfinite)
     meta = run.data_meta
     seed = run.config.seed + 1 if seed is None else seed
-    kind = meta.get("context_kind")
     if data is None:
         if context is not None:
             raise ConfigError("--context for eval goes with --data (the file it conditions)")
@@ -817,35 +864,8 @@ def evaluate_run(
             raise ConfigError(f"--data for eval must be a .npy or .csv file, got {data!r}")
         if meta.get("levels") is not None or len(meta["shape"]) != 1:
             raise ConfigError("evaluating a file is supported for continuous vector data only")
-        features = int(meta["shape"][0])
-        options: dict[str, Any] = {}
-        if kind == "columns":
-            if context is not None:
-                raise ConfigError(
-                    "this run reads its context from columns of the data file; no --context"
-                )
-            options["context_columns"] = run.config.data_args["context_columns"]
-        elif kind == "file" or (kind is None and context is not None):
-            if context is None:
-                raise ConfigError(
-                    "this run was trained with a context file: pass --context FILE with one "
-                    "context row per row of --data"
-                )
-            options["context"] = context
-        elif kind is not None:
-            raise ConfigError(
-                f"evaluating a file is not supported for a run conditioned on {kind} contexts"
-            )
-        table = file_dataset(
-            data, features=features, val=0.0, test=0.0, preprocessing="none", **options
-        )
-        rows, source = table.train, str(data)
-        rows_context = table.train_context
-        if rows_context is not None and rows_context.shape[1] != int(meta.get("context") or 0):
-            raise DataError(
-                f"{context or data}: {rows_context.shape[1]} context column(s), but the run "
-                f"is conditional on {meta.get('context', 0)}"
-            )
+        rows, rows_context = read_run_file(run, data, context)
+        source = str(data)
     trainer_cfg = TrainConfig(progress=False, seed=seed, eval_batch_size=batch_size)
     trainer = Trainer(
         run.flow,
