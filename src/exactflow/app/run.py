@@ -249,7 +249,7 @@ def sbi_dataset(
     given ``x``, split with ``seed``. A bounded prior's box is the data's ``support`` (the
     flow then starts with the box -> R^d bijection and can only sample inside it); ``theta``
     is standardised in that space, as :func:`exactflow.sbi.train_npe` does."""
-    from ..data import split
+    from ..data.splits import split_pairs
     from ..sbi import get_task
 
     n = check_count(simulations, "[data_args] simulations", minimum=2)
@@ -264,19 +264,18 @@ def sbi_dataset(
             stacklevel=2,
         )
         theta, x = theta[ok], x[ok]
-    d = theta.shape[1]
-    parts = split(torch.cat([theta, x], dim=1), val, test, generator=g)
+    parts, cparts = split_pairs(theta, x, val, test, generator=g)
     bounds = sim.bounds
     return Dataset(
         name=SBI_PREFIX + sim.name,
-        train=parts.train[:, :d],
-        val=parts.val[:, :d],
-        test=parts.test[:, :d],
-        shape=(d,),
+        train=parts.train,
+        val=parts.val,
+        test=parts.test,
+        shape=(theta.shape[1],),
         preprocessing="standardize",
-        train_context=parts.train[:, d:],
-        val_context=parts.val[:, d:],
-        test_context=parts.test[:, d:],
+        train_context=cparts.train,
+        val_context=cparts.val,
+        test_context=cparts.test,
         context_names=tuple(f"x{i}" for i in range(x.shape[1])),
         context_kind="simulation",
         support=None if bounds is None else tuple(b.tolist() for b in bounds),

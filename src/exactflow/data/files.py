@@ -16,7 +16,7 @@ import torch
 
 from ..errors import DataError
 from .dataset import Dataset, continuous_preprocessing
-from .splits import TABLE_SPLIT, split
+from .splits import TABLE_SPLIT, Splits, split, split_pairs
 
 __all__ = [
     "column_indices",
@@ -225,13 +225,10 @@ def file_dataset(
         raise DataError(f"{path}: values overflow float32")
     g = torch.Generator().manual_seed(int(seed))
     if ctx is None:
-        parts, cparts = split(data, val, test, generator=g), (None, None, None)
+        parts, cparts = split(data, val, test, generator=g), Splits(None, None, None)
     else:
         c = torch.as_tensor(ctx.astype(np.float32))
-        both = split(torch.cat([data, c], dim=1), val, test, generator=g)
-        d = data.shape[1]
-        parts = type(both)(*(p[:, :d] for p in both))
-        cparts = tuple(p[:, d:] for p in both)
+        parts, cparts = split_pairs(data, c, val, test, generator=g)
     if preprocessing is None:
         preprocessing = continuous_preprocessing(parts.train)
     return Dataset(
@@ -241,9 +238,9 @@ def file_dataset(
         test=parts.test,
         shape=(data.shape[1],),
         preprocessing=preprocessing,
-        train_context=cparts[0],
-        val_context=cparts[1],
-        test_context=cparts[2],
+        train_context=cparts.train,
+        val_context=cparts.val,
+        test_context=cparts.test,
         context_names=None if context_names is None else tuple(context_names),
         context_kind=kind,
     )

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, ShapeError
 
-__all__ = ["DIGITS_SPLIT", "TABLE_SPLIT", "Splits", "split"]
+__all__ = ["DIGITS_SPLIT", "TABLE_SPLIT", "Splits", "split", "split_pairs"]
 
 TABLE_SPLIT = (0.15, 0.2)
 """Default ``(val, test)`` fractions of the continuous tables and user files."""
@@ -68,3 +68,20 @@ def split(
         shuffled[n_train : n_train + n_val],
         shuffled[n_train + n_val :],
     )
+
+
+def split_pairs(
+    data: Tensor,
+    context: Tensor,
+    val: float = 0.1,
+    test: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> tuple[Splits, Splits]:
+    """:func:`split` of ``data`` and the same rows of ``context`` (``(N, C)``, row ``i`` the
+    context of ``data[i]``): one shuffle, so the data's parts are exactly those of
+    ``split(data, val, test, generator)`` for the same generator state."""
+    if not isinstance(context, Tensor) or context.shape[:1] != data.shape[:1]:
+        got = tuple(getattr(context, "shape", ()))
+        raise ShapeError(f"context must have one row per data row ({data.shape[0]}), got {got}")
+    rows = split(torch.arange(data.shape[0]), val, test, generator)
+    return Splits(*(data[i] for i in rows)), Splits(*(context[i] for i in rows))

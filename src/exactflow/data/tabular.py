@@ -12,7 +12,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 from .dataset import Dataset, check_condition, continuous_preprocessing, one_hot
-from .splits import DIGITS_SPLIT, TABLE_SPLIT, split
+from .splits import DIGITS_SPLIT, TABLE_SPLIT, split, split_pairs
 
 __all__ = ["TABULAR", "tabular_dataset"]
 
@@ -95,14 +95,12 @@ def tabular_dataset(
             )
         label_loader, classes = LABELS[name]
         labels = one_hot(torch.as_tensor(np.asarray(label_loader())), classes)
-        d = data.shape[1]
         # one shuffle for both, so the rows (and the split) are those of the plain set
-        both = split(torch.cat([data, labels], dim=1), val, test, generator=g)
-        parts = type(both)(*(p[:, :d] for p in both))
+        parts, cparts = split_pairs(data, labels, val, test, generator=g)
         context = {
-            "train_context": both.train[:, d:],
-            "val_context": both.val[:, d:],
-            "test_context": both.test[:, d:],
+            "train_context": cparts.train,
+            "val_context": cparts.val,
+            "test_context": cparts.test,
             "context_names": tuple(f"label={k}" for k in range(classes)),
             "context_kind": "label",
         }
