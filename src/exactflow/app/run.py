@@ -255,15 +255,7 @@ def sbi_dataset(
     n = check_count(simulations, "[data_args] simulations", minimum=2)
     sim = get_task(task)
     g = torch.Generator().manual_seed(int(seed))
-    theta, x = sim.sample_joint(n, g, torch.float32)
-    ok = torch.isfinite(x).all(dim=-1) & torch.isfinite(theta).all(dim=-1)
-    if not bool(ok.all()):
-        warnings.warn(
-            f"{task}: {int((~ok).sum())} of {n} simulations are non-finite and were dropped",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        theta, x = theta[ok], x[ok]
+    theta, x = sim.sample_finite_joint(n, g, torch.float32)
     parts, cparts = split_pairs(theta, x, val, test, generator=g)
     bounds = sim.bounds
     return Dataset(

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -329,16 +328,7 @@ def train_npe(
     fraction = _fraction(validation_fraction)
     model_kwargs = dict(model_kwargs or {})
     g = torch.Generator().manual_seed(seed)
-    theta, x = task.sample_joint(n, g, dtype)
-    ok = torch.isfinite(x).all(dim=-1) & torch.isfinite(theta).all(dim=-1)
-    if not bool(ok.all()):
-        dropped = int((~ok).sum())
-        warnings.warn(
-            f"{task.name}: {dropped} of {n} simulations are non-finite and were dropped",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        theta, x = theta[ok], x[ok]
+    theta, x = task.sample_finite_joint(n, g, dtype)
     perm = torch.randperm(theta.shape[0], generator=g)
     n_val = min(max(1, round(fraction * theta.shape[0])), theta.shape[0] - 1) if fraction else 0
     train_idx, val_idx = perm[n_val:], perm[:n_val]

@@ -34,6 +34,7 @@ Reference posteriors (float64 inside, returned in ``x_o``'s dtype):
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -102,6 +103,23 @@ class Simulator:
         """``n`` pairs ``theta ~ p(theta)``, ``x ~ p(x | theta)``: ``((n, D_theta), (n, D_x))``."""
         theta = self.prior.sample(n, generator, dtype)
         return theta, self.simulate(theta, generator)
+
+    def sample_finite_joint(
+        self, n: int, generator: torch.Generator | None = None, dtype: torch.dtype | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`sample_joint` less the pairs holding a NaN or infinity, which a
+        :class:`RuntimeWarning` counts (what NPE trains on)."""
+        theta, x = self.sample_joint(n, generator, dtype)
+        ok = torch.isfinite(x).all(dim=-1) & torch.isfinite(theta).all(dim=-1)
+        if not bool(ok.all()):
+            warnings.warn(
+                f"{self.name}: {int((~ok).sum())} of {n} simulations are non-finite and were "
+                "dropped",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            theta, x = theta[ok], x[ok]
+        return theta, x
 
     # -- likelihood -------------------------------------------------------------------------
     def log_likelihood(self, theta: Tensor, x: Tensor) -> Tensor:
