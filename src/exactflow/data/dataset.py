@@ -306,11 +306,12 @@ def make_preprocess(
     raise ConfigError(f"preprocessing must be one of {PREPROCESSING}, got {preprocessing!r}")
 
 
-def support_bijection(low, high) -> Transform:
+def support_bijection(low, high, dtype: torch.dtype = torch.float32) -> Transform:
     """The bijection from the box ``[low, high]`` (``(D,)`` each) onto ``R^D``, normalizing
-    direction: ``z = logit((x - low) / (high - low))``; its inverse lands inside the box."""
-    low = torch.as_tensor(low, dtype=torch.float32).reshape(-1)
-    high = torch.as_tensor(high, dtype=torch.float32).reshape(-1)
+    direction: ``z = logit((x - low) / (high - low))``; its inverse lands inside the box.
+    ``dtype``: of its buffers (``.to()`` moves them later)."""
+    low = torch.as_tensor(low, dtype=dtype).reshape(-1)
+    high = torch.as_tensor(high, dtype=dtype).reshape(-1)
     if low.shape != high.shape or not bool((high > low).all()):
         raise ConfigError(f"a support box needs low < high of one length, got {low} and {high}")
     return Compose([Affine(low, high - low), Inverse(Sigmoid())])

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import torch
 
+from ..data.dataset import support_bijection
 from ..errors import DTypeError
-from ..transforms import Affine, Compose, Inverse, Sigmoid, Transform
+from ..transforms import Compose, Transform
 from .tasks import Simulator
 
 __all__ = ["support_transform"]
@@ -46,6 +47,4 @@ def support_transform(task: Simulator, dtype: torch.dtype | None = None) -> Tran
     bounds = task.bounds
     if bounds is None:
         return Compose([])
-    dtype = dtype or torch.get_default_dtype()
-    low, high = (torch.as_tensor(b, dtype=dtype) for b in bounds)
-    return Compose([Affine(low, high - low), Inverse(Sigmoid())])
+    return support_bijection(*bounds, dtype=dtype or torch.get_default_dtype())
