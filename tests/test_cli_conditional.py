@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from exactflow.app.run import load_run, load_run_data, sbi_dataset
-from exactflow.cli import main
 from exactflow.data import load_dataset
+from test_cli import one_line_error, run
 
 SMALL = """
 model = "maf"
@@ -26,18 +26,6 @@ eval_every = 10
 checkpoint_every = 10
 progress = false
 """
-
-
-def run(*args) -> int:
-    return main([str(a) for a in args])
-
-
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 @pytest.fixture
