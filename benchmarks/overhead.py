@@ -16,6 +16,12 @@ next to a load-independent count: the number of ATen operator calls one training
 (forward + backward + Adam), for the flow and for its floor. On a shared CPU the op count is
 the steadier signal of per-step Python/dispatch overhead.
 
+Compiled contenders (``--libs exactflow+compile exactflow-trainer zuko+compile``) are measured
+against the *compiled* floor: the same MLP stack's loss through ``torch.compile`` (CUDA graphs
+on CUDA) with torch's fused Adam. ``exactflow-trainer`` is ``Trainer(compile=True)``'s whole
+guarded step (see peers.py); the table also gives each contender's first-call (compile) time.
+
+    python benchmarks/overhead.py --libs exactflow exactflow-trainer zuko+compile --dims 16
     python benchmarks/overhead.py [--device cpu|cuda] [--dims 16 64] [--models maf nsf realnvp]
                                   [--libs exactflow zuko nflows normflows] [--rounds 7]
 """
@@ -61,15 +67,22 @@ def mlp_stack(model: str, d: int) -> nn.ModuleList:
     return nn.ModuleList(stack)
 
 
-def _step_fn(module: nn.Module, loss_fn, device: torch.device):
-    opt = torch.optim.Adam(module.parameters(), lr=1e-3)
+def _step_fn(
+    module: nn.Module, loss_fn, device: torch.device, fused: bool = False, cudagraphs=False
+):
+    opt = torch.optim.Adam(module.parameters(), lr=1e-3, fused=fused or None)
 
     def step() -> None:
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         opt.zero_grad(set_to_none=True)
         loss_fn().backward()
         opt.step()
 
     return step
+
+
+COMPILED = ("zuko+compile", "exactflow+compile", "exactflow-trainer")
 
 
 class _OpCounter(TorchDispatchMode):
@@ -109,12 +122,37 @@ def measure(lib: str, model: str, d: int, args, device: torch.device) -> dict:
     stack = mlp_stack(model, d).to(device)
     x = torch.randn(args.batch, d, device=device)
     x_in = x[:, : floor_shapes(model, d)[0]].contiguous()
-    flow_step = _step_fn(flow.module, lambda: -flow.log_prob(x).mean(), device)
-    floor_step = _step_fn(stack, lambda: sum(net(x_in).square().mean() for net in stack), device)
-    for fn in (flow_step, floor_step):  # warm-up
+
+    def floor_loss() -> torch.Tensor:
+        return sum(net(x_in).square().mean() for net in stack)
+
+    compiled = lib in COMPILED
+    cudagraphs = compiled and device.type == "cuda"
+    if compiled:
+        # the compiled floor: the same MLPs' loss through torch.compile (CUDA graphs on CUDA)
+        # and torch's fused Adam, the cheapest step these matmuls allow
+        opts = {"mode": "reduce-overhead"} if cudagraphs else {}
+        floor_loss = torch.compile(floor_loss, dynamic=False, **opts)
+    if flow.train_step is not None:
+        own = flow.train_step
+
+        def flow_step() -> None:
+            own(x)
+
+    else:
+        log_prob = flow.train_log_prob or flow.log_prob
+        flow_step = _step_fn(
+            flow.module, lambda: -log_prob(x).mean(), device, cudagraphs=cudagraphs
+        )
+    floor_step = _step_fn(stack, floor_loss, device, fused=compiled, cudagraphs=cudagraphs)
+    t0 = time.perf_counter()
+    flow_step()
+    first = time.perf_counter() - t0
+    for fn in (flow_step, floor_step, floor_step):  # warm-up (and the floor's compile)
         fn()
-        fn()
-    ops = (count_ops(flow_step), count_ops(floor_step))
+    # ATen calls are a load-independent overhead count for eager steps; compiled kernels
+    # are not ATen calls, so compiled rows show only the time ratio
+    ops = ("-", "-") if compiled else (count_ops(flow_step), count_ops(floor_step))
     one = _seconds(flow_step, 1, device)
     iters = max(1, min(50, math.ceil(args.target / max(one, 1e-6))))
     flow_t, floor_t = [], []
@@ -126,6 +164,7 @@ def measure(lib: str, model: str, d: int, args, device: torch.device) -> dict:
         "flow_ms": 1e3 * statistics.median(flow_t),
         "floor_ms": 1e3 * statistics.median(floor_t),
         "ratio": statistics.median(ratios),
+        "first_call_s": first,
         "ops": ops,
         "flow_params": flow.params(),
         "floor_params": sum(p.numel() for p in stack.parameters()),
@@ -138,7 +177,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dims", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--models", nargs="+", choices=peers.MODELS, default=list(peers.MODELS))
     ap.add_argument(
-        "--libs", nargs="+", choices=[*peers.BUILDERS, "zuko+compile"], default=["exactflow"]
+        "--libs",
+        nargs="+",
+        choices=[*peers.BUILDERS, *COMPILED],
+        default=["exactflow"],
+        help="exactflow-trainer: Trainer(compile=True)'s step; compiled contenders are "
+        "measured against the compiled floor",
     )
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=7)
@@ -164,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
                 "flow ms",
                 "floor ms",
                 "ratio",
+                "fraction of floor",
+                "first call s",
                 "ops/step flow/floor",
                 "params flow/floor",
             ],
@@ -180,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 print(
                     f"| {lib} | {model} | {d} | {r['flow_ms']:.2f} | {r['floor_ms']:.2f} | "
-                    f"{r['ratio']:.2f} | {r['ops'][0]}/{r['ops'][1]} | "
+                    f"{r['ratio']:.2f} | {1 / r['ratio']:.2f} | {r['first_call_s']:.1f} | {r['ops'][0]}/{r['ops'][1]} | "
                     f"{r['flow_params']}/{r['floor_params']} |",
                     flush=True,
                 )

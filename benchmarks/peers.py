@@ -71,7 +71,12 @@ BINS = 8
 BOUND = 5.0
 MODELS = ("maf", "nsf", "realnvp")
 PEERS = ("zuko", "nflows", "normflows", "zuko+compile")
-LIBRARIES = (*PEERS, "exactflow")
+# exactflow+compile: the user's one line, torch.compile(flow.log_prob) (as zuko+compile);
+# exactflow-trainer: Trainer(compile=True)'s whole guarded step (training only)
+EXACTFLOW = ("exactflow", "exactflow+compile", "exactflow-trainer")
+LIBRARIES = (*PEERS, *EXACTFLOW)
+# contenders that differ from another only in how it runs, not in what it computes
+SPEED_ONLY = ("zuko+compile", "exactflow+compile", "exactflow-trainer")
 TASKS = ("train", "log_prob", "sample")
 
 
@@ -90,6 +95,10 @@ class Contender:
     train_log_prob: Callable[[Tensor], Tensor] | None = None
     notes: list[str] = field(default_factory=list)
     cudagraphs: bool = False
+    # a contender that owns its whole training step (the trainer) runs it instead of the
+    # benchmark's plain Adam step, and takes part only in ``tasks``
+    train_step: Callable[[Tensor], object] | None = None
+    tasks: tuple[str, ...] = TASKS
 
     def params(self) -> int:
         return sum(p.numel() for p in self.module.parameters() if p.requires_grad)
@@ -251,8 +260,14 @@ def build(
     passes of autoregressive sampling unrolls them into one huge graph (minutes per model).
     """
     torch.manual_seed(seed)
-    if lib == "zuko+compile":
-        module, log_prob, sample = _zuko(model, d)
+    if lib == "exactflow-trainer":
+        return _trainer_contender(model, d, device)
+    if lib in ("zuko+compile", "exactflow+compile"):
+        if lib == "zuko+compile":
+            module, log_prob, sample = _zuko(model, d)
+        else:
+            module, log_prob, sample = _exactflow(model, d)
+            module.validate = False  # what a user compiling for speed writes (as for zuko)
         module.to(device)
         cuda = device.type == "cuda"
         opts = {"mode": "reduce-overhead"} if cuda else {}
@@ -270,9 +285,46 @@ def build(
     return Contender(lib, module, log_prob, sample)
 
 
+def _trainer_contender(model: str, d: int, device: torch.device) -> Contender:
+    """exactflow's model trained by ``Trainer(compile=True)``: one call of its guarded step
+    (compiled forward and backward, fused Adam, the finiteness guard, CUDA graphs on CUDA)
+    per training unit, configured as the plain step of the others: Adam at lr 1e-3, no
+    weight decay, warm-up, clipping or EMA."""
+    from exactflow.train import TrainConfig, Trainer
+
+    module, log_prob, sample = _exactflow(model, d)
+    config = TrainConfig(
+        optimizer="adam",
+        lr=1e-3,
+        warmup=0,
+        final_lr_ratio=1.0,
+        clip_norm=0.0,
+        ema=0.0,
+        progress=False,
+        checkpoint_every=0,
+        device=str(device),
+        compile=True,
+    )
+    # the rows only anchor the trainer; the benchmark hands train_step its batches itself
+    trainer = Trainer(module, torch.zeros(2, d), None, config)
+    return Contender(
+        "exactflow-trainer",
+        module,
+        log_prob,
+        sample,
+        train_step=trainer.train_step,
+        tasks=("train",),
+    )
+
+
 def available(libs: list[str]) -> list[str]:
     """The libraries of ``libs`` that import; prints why the others are skipped."""
-    modules = {"zuko+compile": "zuko", "exactflow": "exactflow.models"}
+    modules = {
+        "zuko+compile": "zuko",
+        "exactflow": "exactflow.models",
+        "exactflow+compile": "exactflow.models",
+        "exactflow-trainer": "exactflow.train",
+    }
     ok = []
     for lib in libs:
         try:
@@ -296,6 +348,13 @@ def _task_fn(c: Contender, task: str, d: int, batch: int, device: torch.device) 
     """A zero-argument callable running one unit of ``task`` for contender ``c``."""
     g = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(batch, d, generator=g, device=device)
+    if task == "train" and c.train_step is not None:
+        own = c.train_step
+
+        def trainer_step() -> None:
+            own(x)
+
+        return trainer_step
     if task == "train":
         opt = torch.optim.Adam(c.module.parameters(), lr=1e-3)
         log_prob = c.train_log_prob or c.log_prob
@@ -349,6 +408,8 @@ def measure(
     """Median samples/s per contender, rounds interleaved; failures are reported, not raised."""
     fns, iters, out = {}, {}, {}
     for c in contenders:
+        if task not in c.tasks:
+            continue
         try:
             fn = _task_fn(c, task, d, batch, device)
             t0 = time.perf_counter()
@@ -447,7 +508,57 @@ def speed(args: argparse.Namespace, device: torch.device) -> dict:
                     cells.append(_fmt_rate(rate) + ratio)
             rows.append(cells)
         print(_table(header, rows))
+    _first_call_table(results, libs)
+    _acceptance_table(results)
     return results
+
+
+def _first_call_table(results: dict, libs: list[str]) -> None:
+    """Seconds of each contender's first call per row: compilation for the compiled ones."""
+    print("\nfirst call, s (for compiled contenders: the compile time the user waits)")
+    rows = []
+    for row in results["rows"]:
+        cells = [row["model"], str(row["D"]), row["task"]]
+        for lib in libs:
+            first = row["libs"].get(lib, {}).get("first_call_s")
+            cells.append("-" if first is None else f"{first:.1f}")
+        rows.append(cells)
+    print(_table(["model", "D", "task", *libs], rows))
+
+
+def _acceptance_table(results: dict) -> None:
+    """exactflow eager against the best eager peer, and the compiled exactflow contenders
+    against ``zuko+compile``, per row (samples/s ratios; above 1 means exactflow is faster)."""
+    eager = ("zuko", "nflows", "normflows")
+    rows = []
+    for row in results["rows"]:
+        rate = {n: r.get("samples_per_s") for n, r in row["libs"].items()}
+        peers = [rate[n] for n in eager if rate.get(n)]
+        ref = rate.get("zuko+compile")
+
+        def ratio(num: float | None, den: float | None) -> str:
+            return "-" if not num or not den else f"{num / den:.2f}"
+
+        rows.append(
+            [
+                row["model"],
+                str(row["D"]),
+                row["task"],
+                ratio(rate.get("exactflow"), max(peers) if peers else None),
+                ratio(rate.get("exactflow+compile"), ref),
+                ratio(rate.get("exactflow-trainer"), ref),
+            ]
+        )
+    header = [
+        "model",
+        "D",
+        "task",
+        "exactflow / best eager peer",
+        "exactflow+compile / zuko+compile",
+        "exactflow-trainer / zuko+compile",
+    ]
+    print("\nratios (samples/s; > 1: exactflow faster)")
+    print(_table(header, rows))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,7 +624,7 @@ def _quality_table(results: list[dict], libs: list[str], unit: str) -> None:
 def quality(args: argparse.Namespace) -> list[dict]:
     from exactflow.data.toy import toy_splits
 
-    libs = [lib for lib in available(args.libs) if lib != "zuko+compile"]
+    libs = [lib for lib in available(args.libs) if lib not in SPEED_ONLY]
     results = []
     for data in args.datasets:
         # one fixed data draw for everyone; seeds vary initialisation and minibatch order
@@ -560,7 +671,7 @@ def _to_logit(v: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
 def digits(args: argparse.Namespace) -> list[dict]:
     from sklearn.datasets import load_digits
 
-    libs = [lib for lib in available(args.libs) if lib != "zuko+compile"]
+    libs = [lib for lib in available(args.libs) if lib not in SPEED_ONLY]
     pixels = torch.as_tensor(load_digits().data, dtype=torch.float32)
     perm = torch.randperm(pixels.shape[0], generator=torch.Generator().manual_seed(0))
     n_test = pixels.shape[0] // 5
@@ -670,7 +781,7 @@ def default_budget(args: argparse.Namespace, data: str) -> list[dict]:
         f"{t.eval_every} (patience {t.patience}), data {base.data_args}; peers' LU: {args.lu}",
         flush=True,
     )
-    libs = [lib for lib in available(args.libs) if lib != "zuko+compile"]
+    libs = [lib for lib in available(args.libs) if lib not in SPEED_ONLY]
     # (label, library, exactflow spline map_kwargs, training-option overrides): each
     # --exactflow-map-kwargs is one more exactflow contender and each --peer-adam-lr one more
     # per peer, trained on the same seeds so that they pair with every other contender

@@ -40,8 +40,12 @@ class EMA:
         """Move the shadow towards the current parameters."""
         self.updates += 1
         d = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
-        for name, p in self.module.named_parameters():
-            self.shadow[name].mul_(d).add_(p.detach(), alpha=1.0 - d)
+        names = list(self.shadow)
+        params = dict(self.module.named_parameters())
+        # one multi-tensor pass: shadow += (1 - d) (p - shadow)
+        torch._foreach_lerp_(
+            [self.shadow[n] for n in names], [params[n].detach() for n in names], 1.0 - d
+        )
 
     @contextmanager
     def applied(self) -> Iterator[nn.Module]:

@@ -254,11 +254,16 @@ class Trainer:
             callers always pass raw contexts.
         checkpoint: path of the resumable checkpoint file, or ``None``.
         meta: extra JSON-ready metadata stored in every checkpoint.
-        compile: run the model's objective, ``flow.training_loss`` (forward and backward),
-            through ``torch.compile(dynamic=False)``, so what is compiled is what the eager
-            and the distributed steps train. The first step compiles (tens of seconds to
-            minutes on a small CPU) and every new batch shape recompiles (the speed-ups
-            measured: benchmarks/README.md). ``None`` (default) takes ``config.compile``.
+        compile: the compiled training step. The model's objective, ``flow.training_loss``,
+            runs through ``torch.compile(dynamic=False)`` (its forward and backward become
+            one compiled graph each, so what is compiled is what the eager and the
+            distributed steps train), the optimiser is torch's fused Adam/AdamW (one kernel
+            for every parameter), and on CUDA the compiled graphs are replayed as CUDA graphs
+            (``mode="reduce-overhead"``). The guard is unchanged: a non-finite loss or
+            gradient norm still leaves weights, optimiser state and EMA untouched. Batches
+            always have ``batch_size`` rows, so the first step compiles (tens of seconds on
+            a small CPU) and no later one recompiles (the speed-ups measured:
+            benchmarks/README.md). ``None`` (default) takes ``config.compile``.
             The MMD term stays eager; validation and checkpoints are unchanged. A CNF's
             trace is a double backward, which torch.compile's autograd does not support,
             so leave ``compile`` off for continuous flows trained by likelihood.
@@ -322,17 +327,25 @@ class Trainer:
         self.meta = dict(meta or {})
         if compile is None:
             compile = self.config.compile
+        self.compiled = compile
+        # CUDA graphs replay the whole compiled forward and backward as one launch each
+        self._cudagraphs = compile and self.device.type == "cuda"
         # compiled lazily by torch.compile on the first call; the eager path is the default
         self._loss_fn = (
-            torch.compile(self._model_loss, dynamic=False) if compile else self._model_loss
+            torch.compile(
+                self._model_loss,
+                dynamic=False,
+                **({"mode": "reduce-overhead"} if self._cudagraphs else {}),
+            )
+            if compile
+            else self._model_loss
         )
         c = self.config
         params = [p for p in flow.parameters() if p.requires_grad]
         if not params:
             raise ConfigError("the flow has no trainable parameters")
         self.params = params
-        opt_cls = torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.Adam
-        self.optimizer = opt_cls(params, lr=c.lr, weight_decay=c.weight_decay)
+        self.optimizer = _optimizer(params, c, fused=compile)
         self.ema = EMA(flow, c.ema) if c.ema > 0 else None
         self.generator = torch.Generator().manual_seed(c.seed)
         self.sample_generator = (
@@ -483,6 +496,9 @@ class Trainer:
         """
         self._set_lr()
         self.optimizer.zero_grad(set_to_none=True)
+        if self._cudagraphs:
+            # a new step begins: the previous replay's outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         loss, value = self._objective(x, context)
         problem = None
         if not math.isfinite(value):
@@ -668,6 +684,23 @@ class Trainer:
         elif self.ema is not None:
             self.flow.load_state_dict(self._eval_state())
         self.flow.eval()
+
+
+def _optimizer(params: list[Tensor], config: TrainConfig, fused: bool) -> torch.optim.Optimizer:
+    """Adam or AdamW over ``params``; with ``fused`` torch's fused kernel (one pass over all
+    parameters per step instead of a few multi-tensor ops), where the device supports it.
+
+    Fused and multi-tensor Adam compute the same update up to float rounding, and their
+    state has the same keys, so checkpoints move between the two.
+    """
+    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    kwargs = {"lr": config.lr, "weight_decay": config.weight_decay}
+    if fused:
+        try:
+            return cls(params, fused=True, **kwargs)
+        except RuntimeError:  # a device or dtype without fused kernels: the default below
+            pass
+    return cls(params, **kwargs)
 
 
 def _rows(data, name: str) -> int:
