@@ -18,9 +18,11 @@ processes hits all of them alike, and prints the median over rounds and the rati
 ``mode="reduce-overhead"`` on CUDA). Parameter counts are printed side by side first, as a check
 that every library really builds the same architecture.
 
-Quality mode (``--quality``) trains each library's model for a fixed budget on 2-D toy data
-(moons, 8gaussians) with 3 seeds and prints the test NLL (nats) with its standard error; digits
-mode (``--digits``) does the same on scikit-learn digits (64-D, uniform dequantisation and a
+Quality mode (``--quality``) is the multi-seed suite of ``benchmarks/quality.py`` (every
+library's three models through one plain loop on the 2-D toys, digits, breast_cancer and iris,
+paired against the best peer); ``peers.py --quality ARGS`` runs ``quality.py ARGS``.
+``--toy-quality`` is the earlier small check behind older figures in the READMEs (2-D toys,
+a constant-lr Adam loop for ``--steps``, last weights, ``--seeds`` seeds). Digits mode (``--digits``) does the same on scikit-learn digits (64-D, uniform dequantisation and a
 logit transform shared by everyone) and reports bits/dim in pixel space. ``--digits-default``
 runs the NSF at ``exactflow train --data digits --model nsf``'s default configuration instead:
 every library's model (the peers' with an identity-initialised LU-linear layer before each
@@ -35,7 +37,7 @@ plain constant-learning-rate Adam loop, same steps and batches, last weights -- 
 
     python benchmarks/peers.py --quick
     python benchmarks/peers.py --device cpu --dims 2 16 64 --models maf nsf realnvp --rounds 7
-    python benchmarks/peers.py --quality --steps 500 --seeds 3
+    python benchmarks/peers.py --quality --threads 1 --json /tmp/quality.json
     python benchmarks/peers.py --digits --models nsf
     python benchmarks/peers.py --digits-default --threads 1 --seeds 3
     python benchmarks/peers.py --default-config moons --threads 1 --seeds 3
@@ -61,6 +63,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -621,7 +624,7 @@ def _quality_table(results: list[dict], libs: list[str], unit: str) -> None:
     print(_table(header, rows))
 
 
-def quality(args: argparse.Namespace) -> list[dict]:
+def toy_quality(args: argparse.Namespace) -> list[dict]:
     from exactflow.data.toy import toy_splits
 
     libs = [lib for lib in available(args.libs) if lib not in SPEED_ONLY]
@@ -952,7 +955,17 @@ def main(argv: list[str] | None = None) -> None:
         help="also compile zuko's sampling (slow to compile: D passes get unrolled)",
     )
     ap.add_argument("--quick", action="store_true", help="D in {2, 16}, 3 rounds, 0.1 s each")
-    ap.add_argument("--quality", action="store_true", help="test NLL on 2-D toys instead")
+    ap.add_argument(
+        "--quality", action="store_true", help="the quality suite (benchmarks/quality.py) instead"
+    )
+    ap.add_argument(
+        "--toy-quality",
+        action="store_true",
+        help="the earlier 3-seed toy check (plain Adam, last weights) behind older README figures",
+    )
+    ap.add_argument("--datasets", nargs="+", default=["moons", "8gaussians"])
+    ap.add_argument("--steps", type=int, default=500, help="--toy-quality: Adam steps")
+    ap.add_argument("--batch", type=int, default=256, help="--toy-quality: batch size")
     ap.add_argument("--digits", action="store_true", help="bits/dim on sklearn digits instead")
     ap.add_argument(
         "--default-config",
@@ -992,9 +1005,6 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="--default-config: pair with the contenders of an earlier --json run (same seeds)",
     )
-    ap.add_argument("--datasets", nargs="+", default=["moons", "8gaussians"])
-    ap.add_argument("--steps", type=int, default=500, help="quality: Adam steps")
-    ap.add_argument("--batch", type=int, default=256, help="quality: batch size")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument(
@@ -1004,6 +1014,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--digits-batch", type=int, default=512)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--json", default=None, help="also write the results to this file")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--quality" in argv:  # the suite has its own options: hand it every other argument
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import quality
+
+        quality.main([a for a in argv if a != "--quality"])
+        return
     args = ap.parse_args(argv)
     if args.quick:
         args.dims, args.rounds, args.target = [2, 16], 3, 0.1
@@ -1020,8 +1037,8 @@ def main(argv: list[str] | None = None) -> None:
             versions[lib] = None
     print(f"# versions: {versions}; argv: {' '.join(sys.argv[1:])}", flush=True)
     try:
-        if args.quality:
-            out = {"quality": quality(args)}
+        if args.toy_quality:
+            out = {"quality": toy_quality(args)}
         elif args.digits:
             out = {"digits": digits(args)}
         elif args.default_config or args.digits_default:
