@@ -117,3 +117,51 @@ def test_fused_optimizer_falls_back_where_there_is_no_fused_kernel(monkeypatch):
     opt = engine._optimizer(params, _config(), fused=True)
     assert calls == [True, None] and isinstance(opt, NoFused)
     assert not opt.defaults.get("fused")
+
+
+def test_a_killed_compiled_run_resumes_bit_identically(tmp_path, moons, monkeypatch):
+    # torch.compile stands aside (the real compile is above): what is checked is that the
+    # fused optimiser's state and the compiled run's counters round-trip through a checkpoint
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    c = _config(steps=40, eval_every=10, checkpoint_every=20)
+    ref = _flow()
+    Trainer(ref, moons.train, moons.val, c, compile=True).fit()
+
+    broken = _flow()
+    ck = tmp_path / "ck.safetensors"
+    t = Trainer(broken, moons.train, moons.val, c, checkpoint=ck, compile=True)
+    real_step, calls = t.train_step, [0]
+
+    def crashing_step(x, context=None):
+        calls[0] += 1
+        if calls[0] == 27:  # after the step-20 checkpoint
+            raise KeyboardInterrupt
+        return real_step(x, context)
+
+    t.train_step = crashing_step
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    torch.manual_seed(123)  # another initialisation: everything must come from the file
+    fresh = RealNVP(2, transforms=3, hidden=(32, 32))
+    t2 = Trainer(fresh, moons.train, moons.val, c, checkpoint=ck, compile=True)
+    assert t2.optimizer.defaults["fused"]
+    result = t2.fit(resume=True)
+    assert result.steps == 40 and t2.optimizer.param_groups[0]["fused"]
+    for (k, v), w in zip(ref.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(v, w), k
+
+
+def test_the_resuming_run_picks_the_optimiser_kernels(tmp_path, moons, monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    c = _config(steps=10, eval_every=10, checkpoint_every=10)
+    eager = Trainer(_flow(), moons.train, moons.val, c, checkpoint=tmp_path / "e.safetensors")
+    eager.fit()
+    compiled = Trainer(
+        _flow(), moons.train, moons.val, c, checkpoint=tmp_path / "e.safetensors", compile=True
+    )
+    compiled.load()
+    assert compiled.optimizer.param_groups[0]["fused"] is True
+    assert compiled.step == eager.step == 10
+    plain = Trainer(_flow(), moons.train, moons.val, c, checkpoint=tmp_path / "e.safetensors")
+    plain.load()
+    assert not plain.optimizer.param_groups[0]["fused"]

@@ -264,4 +264,9 @@ def optimizer_from_flat(
     for g in groups:
         if "betas" in g and isinstance(g["betas"], list):
             g["betas"] = tuple(g["betas"])
+    # which kernels compute the update (fused, multi-tensor) is this run's choice, not the
+    # checkpoint's: a compiled run resumes fused from an eager checkpoint and vice versa
+    kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+    for group, own in zip(optimizer.param_groups, kernels, strict=False):
+        group.update(own)
