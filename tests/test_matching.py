@@ -177,6 +177,49 @@ def test_ot_pairing_rectangular_context_groups_and_errors():
     assert torch.equal(q0, x0) and torch.equal(q1, x1)
 
 
+def test_grouped_ot_pairing_is_the_optimum_within_each_context_group():
+    from scipy.optimize import linear_sum_assignment
+
+    g = torch.Generator().manual_seed(1)
+    x0, x1 = torch.randn(30, 2, generator=g), torch.randn(30, 2, generator=g)
+    ctx = torch.randint(0, 3, (30, 2), generator=g).double()  # up to 9 groups, uneven sizes
+    _, p1, c = OTPairing()(x0, x1, ctx)
+    assert torch.equal(c, ctx)
+    groups = torch.unique(ctx, dim=0)
+    assert groups.shape[0] > 3
+    total = 0.0
+    for row in groups:
+        idx = torch.nonzero((ctx == row).all(-1)).squeeze(-1)
+        # the partners of a group are a permutation of the same group's noise rows ...
+        got = sorted(map(tuple, p1[idx].tolist()))
+        assert got == sorted(map(tuple, x1[idx].tolist()))
+        # ... at the group's minimal squared cost (SciPy on the group alone)
+        cost = torch.cdist(x0[idx].double(), x1[idx].double()).square().numpy()
+        r, col = linear_sum_assignment(cost)
+        best = float(cost[r, col].sum())
+        mine = float((x0[idx] - p1[idx]).double().square().sum())
+        assert mine == pytest.approx(best, rel=1e-6)
+        total += best
+    assert total < float((x0 - x1).double().square().sum())
+
+
+def test_conditional_ot_cfm_training_step_traces_as_one_graph():
+    import torch._dynamo as dynamo
+
+    torch.manual_seed(0)
+    flow = OTCFM(2, hidden=(8,), context=1)
+    x = torch.randn(16, 2)
+    ctx = torch.tensor([[0.0], [1.0]]).repeat(8, 1)
+    dynamo.reset()
+    try:
+        e = dynamo.explain(flow.training_loss)(x, ctx)
+    finally:
+        dynamo.reset()
+    assert e.graph_break_count == 0 and e.graph_count == 1, [
+        b.reason.splitlines()[0] for b in e.break_reasons
+    ]
+
+
 def test_ot_pairing_lowers_the_transport_cost():
     g = torch.Generator().manual_seed(0)
     x0, x1 = TOY["8gaussians"](256, g), torch.randn(256, 2, generator=g)

@@ -76,6 +76,28 @@ def _(x0: Tensor, x1: Tensor) -> Tensor:
     return x0.new_empty(x0.shape[0], dtype=torch.long)
 
 
+@torch.library.custom_op("exactflow::ot_assignment_grouped", mutates_args=())
+def _ot_assignment_grouped(x0: Tensor, x1: Tensor, context: Tensor) -> Tensor:
+    """``perm`` ``(n,)``: ``x1[perm[i]]`` is the OT partner of ``x0[i]`` among the rows whose
+    context equals ``context[i]`` (one opaque operator, like :func:`_ot_assignment`, so the
+    groups' data-dependent sizes never reach a compiled graph)."""
+    c = context.to("cpu").numpy().reshape(context.shape[0], -1)
+    _, group = np.unique(c, axis=0, return_inverse=True)
+    group = group.reshape(-1)
+    perm = np.arange(x0.shape[0], dtype=np.int64)
+    for g in np.unique(group):
+        idx = np.flatnonzero(group == g)
+        ix = torch.from_numpy(idx).to(x0.device)
+        local = _ot_assignment(x0.index_select(0, ix), x1.index_select(0, ix)).cpu().numpy()
+        perm[idx] = idx[local]
+    return torch.from_numpy(perm).to(x0.device)
+
+
+@_ot_assignment_grouped.register_fake
+def _(x0: Tensor, x1: Tensor, context: Tensor) -> Tensor:
+    return x0.new_empty(x0.shape[0], dtype=torch.long)
+
+
 class IndependentPairing:
     """Keeps the rows as given: the independent coupling when ``x1`` was drawn independently
     of ``x0`` (I-CFM, rectified flow), or a fixed coupling such as a reflow data set."""
@@ -123,12 +145,8 @@ class OTPairing:
             raise ShapeError(
                 f"context must have {x0.shape[0]} rows like x0, got {tuple(context.shape)}"
             )
-        _, group = torch.unique(context.detach(), dim=0, return_inverse=True)
-        paired = x1.clone()
-        for g in torch.unique(group):
-            idx = torch.nonzero(group == g).squeeze(-1)
-            paired[idx] = x1[idx][ot_permutation(x0[idx], x1[idx])]
-        return x0, paired, context
+        perm = _ot_assignment_grouped(x0.detach(), x1.detach(), context.detach())
+        return x0, x1.index_select(0, perm), context
 
     def __repr__(self) -> str:
         return "OTPairing()"
