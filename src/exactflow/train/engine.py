@@ -26,7 +26,8 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -331,15 +332,14 @@ class Trainer:
         # CUDA graphs replay the whole compiled forward and backward as one launch each
         self._cudagraphs = compile and self.device.type == "cuda"
         # compiled lazily by torch.compile on the first call; the eager path is the default
-        self._loss_fn = (
-            torch.compile(
-                self._model_loss,
-                dynamic=False,
-                **({"mode": "reduce-overhead"} if self._cudagraphs else {}),
-            )
-            if compile
-            else self._model_loss
-        )
+        self._loss_fn = self._model_loss
+        if compile:
+            with _quiet_torch_compiler():
+                self._loss_fn = torch.compile(
+                    self._model_loss,
+                    dynamic=False,
+                    **({"mode": "reduce-overhead"} if self._cudagraphs else {}),
+                )
         c = self.config
         params = [p for p in flow.parameters() if p.requires_grad]
         if not params:
@@ -494,6 +494,12 @@ class Trainer:
         A non-finite loss or gradient leaves weights, optimiser and EMA untouched, warns,
         and counts towards ``max_nonfinite``.
         """
+        if not self.compiled:
+            return self._guarded_step(x, context)
+        with _quiet_torch_compiler():
+            return self._guarded_step(x, context)
+
+    def _guarded_step(self, x: Tensor, context: Tensor | None) -> float:
         self._set_lr()
         self.optimizer.zero_grad(set_to_none=True)
         if self._cudagraphs:
@@ -684,6 +690,17 @@ class Trainer:
         elif self.ema is not None:
             self.flow.load_state_dict(self._eval_state())
         self.flow.eval()
+
+
+@contextmanager
+def _quiet_torch_compiler() -> Iterator[None]:
+    """Hide the deprecation notices torch's compiler raises about its own internals while it
+    loads and builds graphs (``torch.jit.script_method``, ``torch._prims_common.check``):
+    nothing a user of the compiled step can act on. Other warnings pass."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.")
+        yield
 
 
 def _optimizer(params: list[Tensor], config: TrainConfig, fused: bool) -> torch.optim.Optimizer:
