@@ -228,6 +228,7 @@ VARIANTS: dict[str, tuple[tuple[str, ...], dict]] = {
     "min0.1%": (("nsf",), {"map_kwargs": {"min_width": 1e-3, "min_height": 1e-3}}),
     "perm": (("nsf",), {"mixer": "perm"}),
     "lu": (("maf",), {"mixer": "lu"}),
+    "lsb0.5": (("maf", "realnvp"), {"log_scale_bound": 0.5}),
     "lsb1.5": (("maf", "realnvp"), {"log_scale_bound": 1.5}),
     "lsb5": (("maf", "realnvp"), {"log_scale_bound": 5.0}),
     "lsb10": (("maf", "realnvp"), {"log_scale_bound": 10.0}),
