@@ -442,7 +442,9 @@ def _row_line(row: dict, section: str) -> str:
 def plain_table(rows: list[dict]) -> str:
     """Markdown table of the plain-loop cells, with the ok / better / worse count."""
     libs = [lib for lib in LIBS if any(lib in r["libs"] for r in rows)]
-    head = ["data", "model", *libs, "exactflow − best peer (paired)", "verdict"]
+    gauss = any(r["data"] in ("iris", "breast_cancer") for r in rows)
+    head = ["data", "model", *libs, *(["Gaussian"] if gauss else [])]
+    head += ["exactflow − best peer (paired)", "verdict"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     counts = {"better": 0, "ok": 0, "worse": 0}
     for r in rows:
@@ -452,6 +454,8 @@ def plain_table(rows: list[dict]) -> str:
         )
         cells = [f"{r['data']} ({r['unit']})", r["model"]]
         cells += [_fmt(r["libs"].get(lib)) for lib in libs]
+        if gauss:
+            cells.append(_gaussian(r["data"], r["seeds"]))
         cells.append("-" if best is None else f"{m:+.3f} ± {s:.3f} vs {best} ({w}/{n} lower)")
         cells.append(word)
         lines.append("| " + " | ".join(cells) + " |")
@@ -463,6 +467,21 @@ def plain_table(rows: list[dict]) -> str:
         f"{counts['better']}, level: {counts['ok']}); worse: {counts['worse']}"
     )
     return "\n".join(lines)
+
+
+def _gaussian(data: str, seeds: list[int]) -> str:
+    """Mean ± s.e. over ``seeds`` of the full-covariance Gaussian's test NLL (continuous
+    tables only: the reference every flow starts from on whitened data)."""
+    if data not in ("iris", "breast_cancer"):
+        return "-"
+    import tiny_tables
+
+    nlls = []
+    for seed in seeds:
+        task = Task(data, seed)
+        nlls.append(tiny_tables.gaussian_nll(task.train, task.test))
+    mean, se = _mean_se(nlls)
+    return f"{mean:.3f} ± {se:.3f}"
 
 
 def ablation_table(rows: list[dict]) -> str:
