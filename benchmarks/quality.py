@@ -524,7 +524,8 @@ def recipe_table(rows: list[dict]) -> str:
             diff += f" ({sum(x < 0 for x in diffs)}/{len(diffs)} below)"
         if boom:
             flags.append(f"exploding: seeds {boom}")
-        cells = [r["data"], r["model"], str(len(runs)), _fmt(v), gauss, diff, "; ".join(flags)]
+        cells = [r["data"], r["model"], str(len(runs)), _fmt(v), gauss, diff]
+        cells.append("; ".join(flags) or "none")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
