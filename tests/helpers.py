@@ -26,3 +26,17 @@ def perturb(
             noise = torch.randn(p.shape, generator=g, dtype=draw_dtype or p.dtype)
             p.add_(scale * noise.to(p.dtype))
     return module
+
+
+def interrupt_at(trainer, call: int) -> None:
+    """Make ``trainer.train_step`` raise ``KeyboardInterrupt`` on its ``call``-th call (1-based),
+    as a kill between checkpoints would; earlier calls train normally."""
+    real, calls = trainer.train_step, [0]
+
+    def crashing(x, context=None):
+        calls[0] += 1
+        if calls[0] == call:
+            raise KeyboardInterrupt
+        return real(x, context)
+
+    trainer.train_step = crashing

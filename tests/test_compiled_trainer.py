@@ -12,6 +12,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from exactflow.data import toy_splits
 from exactflow.models import RealNVP
 from exactflow.train import TrainConfig, Trainer
+from helpers import interrupt_at
 
 
 def _config(**kw) -> TrainConfig:
@@ -130,15 +131,7 @@ def test_a_killed_compiled_run_resumes_bit_identically(tmp_path, moons, monkeypa
     broken = _flow()
     ck = tmp_path / "ck.safetensors"
     t = Trainer(broken, moons.train, moons.val, c, checkpoint=ck, compile=True)
-    real_step, calls = t.train_step, [0]
-
-    def crashing_step(x, context=None):
-        calls[0] += 1
-        if calls[0] == 27:  # after the step-20 checkpoint
-            raise KeyboardInterrupt
-        return real_step(x, context)
-
-    t.train_step = crashing_step
+    interrupt_at(t, 27)  # after the step-20 checkpoint
     with pytest.raises(KeyboardInterrupt):
         t.fit()
     torch.manual_seed(123)  # another initialisation: everything must come from the file

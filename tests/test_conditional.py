@@ -24,7 +24,7 @@ from exactflow.flow import ContextStandardizer
 from exactflow.models import MAF, RealNVP
 from exactflow.train import TrainConfig, Trainer, load_checkpoint
 from exactflow.train.distributed import DistributedTrainer
-from helpers import perturb
+from helpers import interrupt_at, perturb
 from test_distributed import _spawn
 
 F64 = torch.float64
@@ -183,15 +183,7 @@ def test_kill_and_resume_with_context_is_bit_identical(tmp_path):
 
     path = tmp_path / "ck.safetensors"
     t = Trainer(cond_flow(), x, xv, conf, train_context=c, val_context=cv, checkpoint=path)
-    real, calls = t.train_step, [0]
-
-    def crashing(xb, cb):
-        calls[0] += 1
-        if calls[0] == 47:  # after the step-40 checkpoint
-            raise KeyboardInterrupt
-        return real(xb, cb)
-
-    t.train_step = crashing
+    interrupt_at(t, 47)  # after the step-40 checkpoint
     with pytest.raises(KeyboardInterrupt):
         t.fit()
     assert load_checkpoint(path)[1]["step"] == 40

@@ -22,6 +22,7 @@ from exactflow.train import (
     warmup_cosine,
 )
 from exactflow.transforms import Affine, Compose, LULinear, Planar
+from helpers import interrupt_at
 
 
 def gaussian_flow(shift=0.0, d=2) -> Flow:
@@ -132,15 +133,7 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path):
 
     broken = small_flow()
     t = Trainer(broken, data(), data(128, 1), c, checkpoint=tmp_path / "ck.safetensors")
-    real_step, calls = t.train_step, [0]
-
-    def crashing_step(x):
-        calls[0] += 1
-        if calls[0] == 47:  # after the step-40 checkpoint
-            raise KeyboardInterrupt
-        return real_step(x)
-
-    t.train_step = crashing_step
+    interrupt_at(t, 47)  # after the step-40 checkpoint
     with pytest.raises(KeyboardInterrupt):
         t.fit()
     _, meta = load_checkpoint(tmp_path / "ck.safetensors")
