@@ -219,27 +219,56 @@ def rational_quadratic_spline(
     if min_width != min_height:  # one rule for both rows: their minimum sizes broadcast
         mins = torch.tensor([min_width, min_height], dtype=params.dtype, device=params.device)
         mins = mins.reshape(2, *([1] * params.dim()))
-    knots = _knots(raw_wh.unflatten(0, (2, k)), bound, mins, dim=1)  # (2, K + 1, *S)
-    if derivatives == "bounded":
-        widths, heights = (knots[:, 1:] - knots[:, :-1]).unbind(0)  # (K, *S) each
-        derivs = _bounded_derivatives(heights / widths, raw_d, derivative_range)
-    else:
-        shift = math.log(math.expm1(1.0 - min_derivative))
-        inner_d = min_derivative + F.softplus(raw_d + shift)
-        one = torch.ones_like(inner_d[:1])
-        derivs = torch.cat([one, inner_d, one], dim=0)
+    # Only the softmax and its cumulative sum run over all bins; everything else is computed
+    # on the few knots gathered at the input's bin (the full knot table, its slopes and
+    # derivatives were most of the spline's time). Knots are in unit coordinates of the box.
+    frac = mins + (1.0 - k * mins) * torch.softmax(raw_wh.unflatten(0, (2, k)), dim=1)
+    cum = torch.cumsum(frac[:, : k - 1], dim=1)  # interior knots (2, K - 1, *S)
 
     # Everything below runs on the clamped input so the discarded branch stays finite.
     inside = (x >= -bound) & (x <= bound)
     v = x.clamp(-bound, bound)
-    # bin index: how many interior knots are <= v (counting exports; searchsorted does not)
-    idx = (v.unsqueeze(0) >= knots[1 if inverse else 0, 1:-1]).sum(dim=0)
-    # one gather for all six knot values: rows (x, y, d) of the table, columns (idx, idx + 1)
-    table = torch.cat([knots, derivs.unsqueeze(0)], dim=0)  # (3, K + 1, *S)
-    cols = torch.stack([idx, idx + 1]).unsqueeze(0).expand(3, *([-1] * (idx.dim() + 1)))
-    x0, x1, y0, y1, d0, d1 = torch.gather(table, 1, cols).flatten(0, 1).unbind(0)
+    # bin index: how many interior knots are <= v (counting exports; searchsorted does not).
+    # The knots are compared in data units, rounded exactly as x0, x1 (or y0, y1) below: an
+    # input on a knot must land at the start of the next bin, not the end of this one (there
+    # a tiny knot derivative makes the inverse's discriminant cancel to 0).
+    knots = bound * (2.0 * cum[1 if inverse else 0] - 1.0)
+    idx = (v.unsqueeze(0) >= knots).sum(dim=0)
+    bounded = derivatives == "bounded"
+    # knot indices idx - 1 .. idx + 2 (the bounded rule needs the neighbouring bins' slopes)
+    t = torch.stack([idx - 1, idx, idx + 1, idx + 2] if bounded else [idx, idx + 1])
+    if k > 1:
+        cols = (t - 1).clamp(0, k - 2).unsqueeze(0).expand(2, *t.shape)
+        at = torch.gather(cum, 1, cols).clamp(0.0, 1.0)
+        # the end knots are exactly 0 and 1, so an input at the box edge stays in the box
+        at = torch.where(t <= 0, 0.0, torch.where(t >= k, 1.0, at))  # (2, n, *S)
+    else:
+        at = (t > 0).to(params.dtype).unsqueeze(0).expand(2, *t.shape)
+    xk, yk = at.unbind(0)
+    mid = 1 if bounded else 0
+    x0, x1 = bound * (2.0 * xk[mid] - 1.0), bound * (2.0 * xk[mid + 1] - 1.0)
+    y0, y1 = bound * (2.0 * yk[mid] - 1.0), bound * (2.0 * yk[mid + 1] - 1.0)
     w, h = x1 - x0, y1 - y0
     s = h / w
+    first, last = idx == 0, idx == k - 1
+    if k > 1:
+        pd = torch.gather(raw_d, 0, torch.stack([idx - 1, idx]).clamp(0, k - 2))  # (2, *S)
+    if bounded:
+        # slopes of bins idx - 1 and idx + 1; a bin past the box has zero width and height
+        wu, hu = xk[1:] - xk[:-1], yk[1:] - yk[:-1]
+        su = hu / torch.where(wu > 0, wu, torch.ones_like(wu))
+        d0, d1 = s.clamp(max=1.0), s.clamp(max=1.0)  # end knots: min(1, s) of the edge bin
+        if k > 1:
+            f = _derivative_factor(pd, derivative_range)
+            d0 = torch.where(first, d0, torch.minimum(su[0], s) * f[0])
+            d1 = torch.where(last, d1, torch.minimum(s, su[2]) * f[1])
+    else:
+        d0, d1 = torch.ones_like(s), torch.ones_like(s)
+        if k > 1:
+            shift = math.log(math.expm1(1.0 - min_derivative))
+            inner_d = min_derivative + F.softplus(pd + shift)
+            d0 = torch.where(first, d0, inner_d[0])
+            d1 = torch.where(last, d1, inner_d[1])
 
     if inverse:
         # r and r1 = 1 - r straight from the knots: forming 1 - r would cancel near y1.
