@@ -219,11 +219,14 @@ def rational_quadratic_spline(
     if min_width != min_height:  # one rule for both rows: their minimum sizes broadcast
         mins = torch.tensor([min_width, min_height], dtype=params.dtype, device=params.device)
         mins = mins.reshape(2, *([1] * params.dim()))
-    # Only the softmax and its cumulative sum run over all bins; everything else is computed
+    # Only the softmax, its cumulative sum and the knot table span all bins; the rest is computed
     # on the few knots gathered at the input's bin (the full knot table, its slopes and
     # derivatives were most of the spline's time). Knots are in unit coordinates of the box.
     frac = mins + (1.0 - k * mins) * torch.softmax(raw_wh.unflatten(0, (2, k)), dim=1)
     cum = torch.cumsum(frac[:, : k - 1], dim=1)  # interior knots (2, K - 1, *S)
+    # the end knots are exactly 0 and 1, so an input at the box edge stays in the box
+    edge = torch.zeros_like(frac[:, :1])
+    table = torch.cat([edge, cum, edge + 1.0], dim=1)  # all knots (2, K + 1, *S)
 
     # Everything below runs on the clamped input so the discarded branch stays finite.
     inside = (x >= -bound) & (x <= bound)
@@ -235,15 +238,11 @@ def rational_quadratic_spline(
     knots = bound * (2.0 * cum[1 if inverse else 0] - 1.0)
     idx = (v.unsqueeze(0) >= knots).sum(dim=0)
     bounded = derivatives == "bounded"
-    # knot indices idx - 1 .. idx + 2 (the bounded rule needs the neighbouring bins' slopes)
+    # knot indices idx - 1 .. idx + 2 (the bounded rule needs the neighbouring bins' slopes);
+    # clamped, a knot past the box repeats the end knot, so its bin has zero width and height
     t = torch.stack([idx - 1, idx, idx + 1, idx + 2] if bounded else [idx, idx + 1])
-    if k > 1:
-        cols = (t - 1).clamp(0, k - 2).unsqueeze(0).expand(2, *t.shape)
-        at = torch.gather(cum, 1, cols).clamp(0.0, 1.0)
-        # the end knots are exactly 0 and 1, so an input at the box edge stays in the box
-        at = torch.where(t <= 0, 0.0, torch.where(t >= k, 1.0, at))  # (2, n, *S)
-    else:
-        at = (t > 0).to(params.dtype).unsqueeze(0).expand(2, *t.shape)
+    cols = t.clamp(0, k).unsqueeze(0).expand(2, *t.shape)
+    at = torch.gather(table, 1, cols).clamp(0.0, 1.0)  # (2, n, *S)
     xk, yk = at.unbind(0)
     mid = 1 if bounded else 0
     x0, x1 = bound * (2.0 * xk[mid] - 1.0), bound * (2.0 * xk[mid + 1] - 1.0)
@@ -254,7 +253,7 @@ def rational_quadratic_spline(
     if k > 1:
         pd = torch.gather(raw_d, 0, torch.stack([idx - 1, idx]).clamp(0, k - 2))  # (2, *S)
     if bounded:
-        # slopes of bins idx - 1 and idx + 1; a bin past the box has zero width and height
+        # slopes of bins idx - 1 and idx + 1 (a bin past the box: 0 / 1, never used)
         wu, hu = xk[1:] - xk[:-1], yk[1:] - yk[:-1]
         su = hu / torch.where(wu > 0, wu, torch.ones_like(wu))
         d0, d1 = s.clamp(max=1.0), s.clamp(max=1.0)  # end knots: min(1, s) of the edge bin
