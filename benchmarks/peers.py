@@ -267,7 +267,7 @@ def build(
         return _trainer_contender(model, d, device)
     if lib in ("zuko+compile", "exactflow+compile"):
         if lib == "zuko+compile":
-            module, log_prob, sample = _zuko(model, d)
+            module, log_prob, sample = _zuko(model, d, lu)
         else:
             module, log_prob, sample = _exactflow(model, d)
             module.validate = False  # what a user compiling for speed writes (as for zuko)
@@ -457,14 +457,21 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def speed(args: argparse.Namespace, device: torch.device) -> dict:
     libs = available(args.libs)
     batches = {"train": args.train_batch, "log_prob": args.eval_batch, "sample": args.eval_batch}
-    results: dict = {"device": str(device), "threads": torch.get_num_threads(), "rows": []}
+    results: dict = {
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "peer_lu": args.peer_lu,
+        "rows": [],
+    }
     param_rows = []
     for model in args.models:
         for d in args.dims:
             contenders = []
             for lib in libs:
                 try:
-                    contenders.append(build(lib, model, d, device, 0, args.compile_sample))
+                    contenders.append(
+                        build(lib, model, d, device, 0, args.compile_sample, lu=args.peer_lu)
+                    )
                 except Exception as exc:
                     print(f"# {lib} {model} D={d}: build failed: {type(exc).__name__}: {exc}")
             counts = {c.name: c.params() for c in contenders}
@@ -981,6 +988,13 @@ def main(argv: list[str] | None = None) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="--default-config: give the peers' NSF exactflow's LU-linear layers (default on)",
+    )
+    ap.add_argument(
+        "--peer-lu",
+        action="store_true",
+        help="speed mode: give the peers' NSF (zuko+compile's too) an identity-initialised "
+        "LU-linear layer before every spline layer, as exactflow's NSF has, so that every "
+        "library runs the same model (default: their stock NSF, which has none)",
     )
     ap.add_argument(
         "--exactflow-map-kwargs",
