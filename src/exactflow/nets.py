@@ -216,8 +216,9 @@ class MADE(nn.Module):
     Output block ``i`` (``num_params`` values for feature ``i``) depends only on the inputs
     ``j`` with ``order[j] < order[i]`` and on the context, which enters every hidden layer
     unmasked. The output layer is ONE masked matmul producing all ``D * out_per_feature``
-    values at once, returned as a ``(*batch, D, out_per_feature)`` view whose memory is
-    parameter-major (each parameter of all D features contiguous); it is zero-initialised.
+    values at once, returned as ``(*batch, D, out_per_feature)``: from D = 8 on a view whose
+    memory is parameter-major (each parameter of all D features contiguous); it is
+    zero-initialised.
     The weights stay feature-major (row ``i * P + p``), so checkpoints keep their meaning.
 
     Args:
@@ -272,10 +273,13 @@ class MADE(nn.Module):
         self.biases.append(nn.Parameter(torch.zeros(d * p)))
         for i, m in enumerate(masks):
             self.register_buffer(f"mask{i}", m.to(torch.get_default_dtype()))
-        # forward computes the output rows parameter-major (p * D + i): the maps then read
-        # each parameter (a spline's bin logits, an affine shift) as a contiguous slab
-        param_major = torch.arange(d * p).reshape(d, p).t().reshape(-1)
-        self.register_buffer("param_major", param_major, persistent=False)
+        # From 8 features on, forward computes the output rows parameter-major (p * D + i):
+        # the maps then read each parameter (a spline's bin logits, an affine shift) as a
+        # contiguous slab of D values. Narrower slabs do not vectorise: below 8 the
+        # feature-major rows are faster, eagerly and (by far) under torch.compile.
+        self.param_major = d >= 8
+        rows = torch.arange(d * p).reshape(d, p).t().reshape(-1)
+        self.register_buffer("row_order", rows, persistent=False)
         self.n_layers = len(masks)
         if self.context_features:
             bound = 1.0 / math.sqrt(self.context_features)
@@ -303,7 +307,10 @@ class MADE(nn.Module):
         elif context is not None:
             raise ContextError("this MADE is unconditional but a context was given")
         w, b = self.output_layer()
-        w, b = w.index_select(0, self.param_major), b.index_select(0, self.param_major)
+        if not self.param_major:
+            h = F.linear(self.hidden(x, context), w, b)
+            return h.unflatten(-1, (self.features, self.out_per_feature))
+        w, b = w.index_select(0, self.row_order), b.index_select(0, self.row_order)
         h = F.linear(self.hidden(x, context), w, b)
         return h.unflatten(-1, (self.out_per_feature, self.features)).transpose(-1, -2)
 
