@@ -41,21 +41,26 @@ __all__ = [
 ]
 
 
-def _knots(raw: Tensor, bound: float, min_size: float | Tensor, dim: int = -1) -> Tensor:
-    """Knot positions (``K + 1`` along ``dim``) on ``[-bound, bound]`` from unconstrained
-    logits (``K`` along ``dim``).
+def _unit_knots(raw: Tensor, min_size: float | Tensor, dim: int = -1) -> Tensor:
+    """Knot positions in unit coordinates of the box (``K + 1`` along ``dim``, from 0 to 1)
+    from unconstrained logits (``K`` along ``dim``).
 
-    Bin sizes are ``min_size + (1 - K min_size) softmax(raw)`` (fractions of ``2 bound``), so
-    zeros give equal bins; ``min_size`` may be a tensor broadcasting against ``raw``. The end
-    knots are set to exactly ``-bound`` and ``bound`` so an input at the edge of the box
-    lands inside the last bin, never past it.
+    Bin sizes are ``min_size + (1 - K min_size) softmax(raw)``, so zeros give equal bins;
+    ``min_size`` may be a tensor broadcasting against ``raw``. The end knots are exactly 0
+    and 1 so an input at the edge of the box lands inside the last bin, never past it; the
+    interior knots are the cumulative sizes as they round (a few ulp past 1 at worst).
     """
     k = raw.shape[dim]
     frac = min_size + (1.0 - k * min_size) * torch.softmax(raw, dim=dim)
-    inner = torch.cumsum(frac.narrow(dim, 0, k - 1), dim=dim).clamp(0.0, 1.0)
-    edge = frac.narrow(dim, 0, 1)
-    cum = torch.cat([torch.zeros_like(edge), inner, torch.ones_like(edge)], dim=dim)
-    return bound * (2.0 * cum - 1.0)
+    inner = torch.cumsum(frac.narrow(dim, 0, k - 1), dim=dim)
+    edge = torch.zeros_like(frac.narrow(dim, 0, 1))
+    return torch.cat([edge, inner, edge + 1.0], dim=dim)
+
+
+def _knots(raw: Tensor, bound: float, min_size: float | Tensor, dim: int = -1) -> Tensor:
+    """Knot positions (``K + 1`` along ``dim``) on ``[-bound, bound]``: :func:`_unit_knots`
+    clamped to ``[0, 1]`` and scaled to the box, end knots exactly ``-bound`` and ``bound``."""
+    return bound * (2.0 * _unit_knots(raw, min_size, dim).clamp(0.0, 1.0) - 1.0)
 
 
 def _min_sizes(
@@ -150,10 +155,21 @@ def default_min_size(bins: int) -> float:
 
 
 def _bounded_derivatives(
-    slopes: Tensor, raw_d: Tensor, factors: tuple[float, float] = DERIVATIVE_RANGE
-) -> Tensor:
-    """Knot derivatives ``(K + 1, *S)`` tied to the adjacent bin slopes ``(K, *S)``, from
-    pre-activations ``(K - 1, *S)`` (bins-first layout).
+    before: Tensor,
+    s: Tensor,
+    after: Tensor,
+    raw_d: Tensor | None,
+    first: Tensor,
+    last: Tensor,
+    factors: tuple[float, float] = DERIVATIVE_RANGE,
+) -> tuple[Tensor, Tensor]:
+    """Knot derivatives ``(d_k, d_{k+1})``, each of shape ``S``, at the two ends of the input's
+    bin ``k``, tied to the adjacent bin slopes.
+
+    ``before``, ``s``, ``after`` are the slopes of bins ``k - 1``, ``k``, ``k + 1`` (any finite
+    value where that bin is past the box: ``first``/``last`` mark ``k = 0``/``k = K - 1``), and
+    ``raw_d`` ``(2, *S)`` the pre-activations of knots ``k`` and ``k + 1`` (``None`` for one
+    bin, whose two knots are both end knots).
 
     Interior ``d_k = min(s_{k-1}, s_k) f(p_k)`` with ``f`` from :func:`_derivative_factor`
     in ``factors`` (default :data:`DERIVATIVE_RANGE`);
@@ -165,8 +181,13 @@ def _bounded_derivatives(
     ``factors``: 0.4 for the default (0.5, 4) (``a = b = hi``, ``2 / (1 + hi)``), but the
     mixed ``a = hi, b = lo`` is flatter for wider ranges: 0.19 at (0.25, 8), 0.1 at (0.1, 10).
     """
-    inner = torch.minimum(slopes[:-1], slopes[1:]) * _derivative_factor(raw_d, factors)
-    return torch.cat([slopes[:1].clamp(max=1.0), inner, slopes[-1:].clamp(max=1.0)], dim=0)
+    edge = s.clamp(max=1.0)
+    if raw_d is None:
+        return edge, edge
+    f = _derivative_factor(raw_d, factors)
+    d0 = torch.where(first, edge, torch.minimum(before, s) * f[0])
+    d1 = torch.where(last, edge, torch.minimum(s, after) * f[1])
+    return d0, d1
 
 
 def rational_quadratic_spline(
@@ -222,11 +243,7 @@ def rational_quadratic_spline(
     # Only the softmax, its cumulative sum and the knot table span all bins; the rest is computed
     # on the few knots gathered at the input's bin (the full knot table, its slopes and
     # derivatives were most of the spline's time). Knots are in unit coordinates of the box.
-    frac = mins + (1.0 - k * mins) * torch.softmax(raw_wh.unflatten(0, (2, k)), dim=1)
-    cum = torch.cumsum(frac[:, : k - 1], dim=1)  # interior knots (2, K - 1, *S)
-    # the end knots are exactly 0 and 1, so an input at the box edge stays in the box
-    edge = torch.zeros_like(frac[:, :1])
-    table = torch.cat([edge, cum, edge + 1.0], dim=1)  # all knots (2, K + 1, *S)
+    table = _unit_knots(raw_wh.unflatten(0, (2, k)), mins, dim=1)  # (2, K + 1, *S)
 
     # Everything below runs on the clamped input so the discarded branch stays finite.
     inside = (x >= -bound) & (x <= bound)
@@ -235,7 +252,7 @@ def rational_quadratic_spline(
     # The knots are compared in data units, rounded exactly as x0, x1 (or y0, y1) below: an
     # input on a knot must land at the start of the next bin, not the end of this one (there
     # a tiny knot derivative makes the inverse's discriminant cancel to 0).
-    knots = bound * (2.0 * cum[1 if inverse else 0] - 1.0)
+    knots = bound * (2.0 * table[1 if inverse else 0, 1:-1] - 1.0)
     idx = (v.unsqueeze(0) >= knots).sum(dim=0)
     bounded = derivatives == "bounded"
     # knot indices idx - 1 .. idx + 2 (the bounded rule needs the neighbouring bins' slopes);
@@ -250,20 +267,18 @@ def rational_quadratic_spline(
     w, h = x1 - x0, y1 - y0
     s = h / w
     first, last = idx == 0, idx == k - 1
+    # the pre-activations of knots idx and idx + 1 (none with one bin: both are end knots)
+    pd = None
     if k > 1:
         pd = torch.gather(raw_d, 0, torch.stack([idx - 1, idx]).clamp(0, k - 2))  # (2, *S)
     if bounded:
         # slopes of bins idx - 1 and idx + 1 (a bin past the box: 0 / 1, never used)
         wu, hu = xk[1:] - xk[:-1], yk[1:] - yk[:-1]
         su = hu / torch.where(wu > 0, wu, torch.ones_like(wu))
-        d0, d1 = s.clamp(max=1.0), s.clamp(max=1.0)  # end knots: min(1, s) of the edge bin
-        if k > 1:
-            f = _derivative_factor(pd, derivative_range)
-            d0 = torch.where(first, d0, torch.minimum(su[0], s) * f[0])
-            d1 = torch.where(last, d1, torch.minimum(s, su[2]) * f[1])
+        d0, d1 = _bounded_derivatives(su[0], s, su[2], pd, first, last, derivative_range)
     else:
         d0, d1 = torch.ones_like(s), torch.ones_like(s)
-        if k > 1:
+        if pd is not None:
             shift = math.log(math.expm1(1.0 - min_derivative))
             inner_d = min_derivative + F.softplus(pd + shift)
             d0 = torch.where(first, d0, inner_d[0])
