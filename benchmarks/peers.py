@@ -460,7 +460,7 @@ def speed(args: argparse.Namespace, device: torch.device) -> dict:
     results: dict = {
         "device": str(device),
         "threads": torch.get_num_threads(),
-        "peer_lu": args.peer_lu,
+        "peer_lu": bool(args.lu),
         "rows": [],
     }
     param_rows = []
@@ -470,7 +470,7 @@ def speed(args: argparse.Namespace, device: torch.device) -> dict:
             for lib in libs:
                 try:
                     contenders.append(
-                        build(lib, model, d, device, 0, args.compile_sample, lu=args.peer_lu)
+                        build(lib, model, d, device, 0, args.compile_sample, lu=bool(args.lu))
                     )
                 except Exception as exc:
                     print(f"# {lib} {model} D={d}: build failed: {type(exc).__name__}: {exc}")
@@ -783,12 +783,13 @@ def default_budget(args: argparse.Namespace, data: str) -> list[dict]:
     used["hidden"] = list(used["hidden"])
     if used != ours:
         raise RuntimeError(f"the {data} default NSF is {used}, this benchmark builds {ours}")
+    lu = True if args.lu is None else args.lu
     t = base.train
     print(
         f"# default {data} budget: {t.steps} steps x batch {t.batch_size}, {t.optimizer} lr "
         f"{t.lr} weight decay {t.weight_decay}, warm-up {t.warmup} then cosine to "
         f"{t.final_lr_ratio} x lr, clip {t.clip_norm}, EMA {t.ema}, validate every "
-        f"{t.eval_every} (patience {t.patience}), data {base.data_args}; peers' LU: {args.lu}",
+        f"{t.eval_every} (patience {t.patience}), data {base.data_args}; peers' LU: {lu}",
         flush=True,
     )
     libs = [lib for lib in available(args.libs) if lib not in SPEED_ONLY]
@@ -827,7 +828,7 @@ def default_budget(args: argparse.Namespace, data: str) -> list[dict]:
                             model_args["map_kwargs"] = map_kwargs
                         flow, _ = build_flow(cfg.model, model_args, dataset.meta(), dataset)
                     else:
-                        c = build(lib, "nsf", d, torch.device("cpu"), seed=seed, lu=args.lu)
+                        c = build(lib, "nsf", d, torch.device("cpu"), seed=seed, lu=lu)
                         flow = _as_exactflow(c, dataset.preprocess((d,)), d)
                 params = sum(p.numel() for p in flow.parameters() if p.requires_grad)
                 trainer = Trainer(
@@ -986,15 +987,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--lu",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="--default-config: give the peers' NSF exactflow's LU-linear layers (default on)",
-    )
-    ap.add_argument(
-        "--peer-lu",
-        action="store_true",
-        help="speed mode: give the peers' NSF (zuko+compile's too) an identity-initialised "
-        "LU-linear layer before every spline layer, as exactflow's NSF has, so that every "
-        "library runs the same model (default: their stock NSF, which has none)",
+        default=None,
+        help="give the peers' NSF (zuko+compile's too) an identity-initialised LU-linear layer "
+        "before every spline layer, as exactflow's NSF has, so that every library runs the "
+        "same model; default on for --default-config, off (their stock NSF) for speed mode",
     )
     ap.add_argument(
         "--exactflow-map-kwargs",
