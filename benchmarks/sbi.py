@@ -75,12 +75,14 @@ def zuko_nsf(features: int, context: int) -> Flow:
     return Flow(ZukoTransform(nsf.transform, context), StandardNormal((features,)))
 
 
-def run_cell(task_name, simulations, seed, library, steps, observations, samples, batch_size):
+def run_cell(
+    task_name, simulations, seed, library, steps, observations, samples, batch_size, lr=5e-4
+):
     task = sbi.get_task(task_name)
     model = "nsf" if library == "exactflow" else zuko_nsf
     start = time.perf_counter()
     posterior = sbi.train_npe(
-        task, simulations, model=model, steps=steps, batch_size=batch_size, seed=seed
+        task, simulations, model=model, steps=steps, batch_size=batch_size, lr=lr, seed=seed
     )
     train_time = time.perf_counter() - start
     _, x_o = sbi.observations(task, observations, seed=0)
@@ -96,6 +98,7 @@ def run_cell(task_name, simulations, seed, library, steps, observations, samples
         "seed": seed,
         "library": library,
         "steps": steps,
+        "lr": lr,
         "c2st": statistics.fmean(scores),
         "c2st_per_observation": scores,
         "best_val_nll": posterior.result.best_val,
@@ -205,6 +208,7 @@ def main() -> None:
     ap.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES)
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: by budget)")
     ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate of train_npe")
     ap.add_argument("--observations", type=int, default=3, help="observations per cell (>= 3)")
     ap.add_argument("--samples", type=int, default=10_000, help="posterior and reference samples")
     ap.add_argument("--results", type=Path, default=Path("sbi.jsonl"))
@@ -251,6 +255,7 @@ def main() -> None:
                         args.observations,
                         args.samples,
                         args.batch_size,
+                        args.lr,
                     )
                     rows.append(row)
                     print(json.dumps(row), flush=True)
